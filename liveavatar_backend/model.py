@@ -1,0 +1,270 @@
+"""The causal speech-to-video DiT of Live Avatar (Wan2.2-S2V-14B architecture, spec §2).
+
+Parameter names equal the published checkpoint's (1260 tensors for the 14B model). The model runs
+in two modes over the caches of `kv_cache.py`:
+
+* `prefill_sink`: the reference frame and FramePack motion tokens alone (t = 0 modulation, no
+  audio) pass through every layer; their keys/values fill the cond region of the caches.
+* `denoise_block`: one block of 3 noisy latent frames at one denoising step attends to the
+  step's ring cache plus the cond region, gets audio injected after the injector layers, and
+  returns the flow-matching velocity.
+
+Precision follows the official code: weights and activations between blocks in the model dtype
+(bf16 on GPU), modulation arithmetic, residual additions, norms, timestep embedding and head in
+float32.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import rope
+from .config import DiTConfig
+from .kv_cache import CacheLayout, SinkKeys, StepCache
+from .layers import CrossAttention, RMSNorm, attention, layer_norm, merge_heads, split_heads
+from .model_audio import AudioInjector, CausalAudioEncoder
+
+ROLE_NOISY, ROLE_REFERENCE, ROLE_MOTION = 0, 1, 2     # rows of trainable_cond_mask (spec §2.2)
+FRAMEPACK_BUCKETS = (16, 2, 1)                         # oldest → newest motion latents (spec §2.6)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, eps: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.o = nn.Linear(dim, dim)
+        self.norm_q = RMSNorm(dim, eps)
+        self.norm_k = RMSNorm(dim, eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend) -> torch.Tensor:
+        """`attend(q_rot, k_rot, k_raw, v) -> out` decides which keys/values the tokens see."""
+        q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1))
+        k = self.norm_k(self.k(x)).unflatten(-1, (self.num_heads, -1))
+        v = split_heads(self.v(x), self.num_heads)
+        q_rot = rope.apply_rope(q, cos, sin).transpose(1, 2)
+        k_rot = rope.apply_rope(k, cos, sin).transpose(1, 2)
+        out = attend(q_rot, k_rot, k.transpose(1, 2), v)
+        return self.o(merge_heads(out))
+
+
+class DiTBlock(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.eps = cfg.eps
+        self.modulation = nn.Parameter(torch.randn(1, 6, cfg.dim) / cfg.dim ** 0.5)
+        self.self_attn = SelfAttention(cfg.dim, cfg.num_heads, cfg.eps)
+        self.cross_attn = CrossAttention(cfg.dim, cfg.num_heads, cfg.eps)
+        self.norm3 = nn.LayerNorm(cfg.dim, eps=cfg.eps, elementwise_affine=True)
+        self.ffn = nn.Sequential(nn.Linear(cfg.dim, cfg.ffn_dim), nn.GELU(approximate="tanh"),
+                                 nn.Linear(cfg.ffn_dim, cfg.dim))
+
+    def forward(self, x: torch.Tensor, e0: torch.Tensor, cos, sin, attend, text_kv) -> torch.Tensor:
+        """x [1, L, dim]; e0 [6, dim] float32 (one modulation set for all tokens of the call)."""
+        dtype = x.dtype
+        shift_a, scale_a, gate_a, shift_f, scale_f, gate_f = (self.modulation[0].float() + e0).unbind(0)
+        h = layer_norm(x, self.eps).to(dtype).float() * (1 + scale_a) + shift_a
+        y = self.self_attn(h.to(dtype), cos, sin, attend)
+        x = x.float() + y.float() * gate_a
+        # the official block casts to bf16 before the text cross-attention, whatever the dtype (spec §11)
+        h = layer_norm(x.to(torch.bfloat16), self.eps, self.norm3.weight, self.norm3.bias)
+        x = x + self.cross_attn(h.to(dtype), text_kv).float()
+        h = layer_norm(x, self.eps) * (1 + scale_f) + shift_f
+        x = x + self.ffn(h.to(dtype)).float() * gate_f
+        return x.to(dtype)
+
+
+class Head(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.eps = cfg.eps
+        self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim ** 0.5)
+        self.head = nn.Linear(cfg.dim, cfg.out_dim * math.prod(cfg.patch_size))
+
+    def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        shift, scale = (self.modulation[0].float() + e).unbind(0)
+        h = layer_norm(x, self.eps).to(x.dtype).float() * (1 + scale) + shift
+        return F.linear(h, self.head.weight.float(), self.head.bias.float())
+
+
+class FramePacker(nn.Module):
+    """Motion latents → tokens at three resolutions: newest 1 frame ×1, next 2 frames ×2, oldest 16 ×4."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        c = cfg.in_dim
+        self.proj = nn.Conv3d(c, cfg.dim, kernel_size=(1, 2, 2), stride=(1, 2, 2))
+        self.proj_2x = nn.Conv3d(c, cfg.dim, kernel_size=(2, 4, 4), stride=(2, 4, 4))
+        self.proj_4x = nn.Conv3d(c, cfg.dim, kernel_size=(4, 8, 8), stride=(4, 8, 8))
+
+    def forward(self, motion: torch.Tensor) -> torch.Tensor:
+        """motion [C, T, H8, W8] (newest last; zero-padded on the left to 19) -> tokens [1, N, dim]."""
+        total = sum(FRAMEPACK_BUCKETS)
+        padded = motion.new_zeros(motion.shape[0], total, *motion.shape[2:])
+        keep = min(total, motion.shape[1])
+        if keep:
+            padded[:, -keep:] = motion[:, -keep:]
+        oldest, middle, newest = padded.unsqueeze(0).split(FRAMEPACK_BUCKETS, dim=2)
+        tokens = [self.proj(newest), self.proj_2x(middle), self.proj_4x(oldest)]
+        return torch.cat([t.flatten(2).transpose(1, 2) for t in tokens], dim=1)
+
+
+def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """[cos(t·ω_i), sin(t·ω_i)], ω_i = 10000^(−i/half), in float64 then float32 (spec §2.2)."""
+    half = dim // 2
+    omega = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64) / half)
+    angles = torch.outer(t.to(torch.float64).cpu(), omega)
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1).float()
+
+
+class LiveAvatarDiT(nn.Module):
+    """Causal Wan2.2-S2V DiT with the Live Avatar streaming interface."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.dim
+        self.patch_embedding = nn.Conv3d(cfg.in_dim, d, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.cond_encoder = nn.Conv3d(cfg.cond_dim, d, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, d), nn.GELU(approximate="tanh"),
+                                            nn.Linear(d, d))
+        self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, d), nn.SiLU(), nn.Linear(d, d))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
+        self.blocks = nn.ModuleList([DiTBlock(cfg) for _ in range(cfg.num_layers)])
+        self.head = Head(cfg)
+        self.trainable_cond_mask = nn.Embedding(3, d)
+        self.casual_audio_encoder = CausalAudioEncoder(cfg.audio_dim, cfg.audio_layers, d, cfg.num_audio_token)
+        self.audio_injector = AudioInjector(d, cfg.num_heads, len(cfg.audio_inject_layers), cfg.eps)
+        self.frame_packer = FramePacker(cfg)
+        self.injector_of_layer = {layer: j for j, layer in enumerate(cfg.audio_inject_layers)}
+        self._time_cache: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    # ----------------------------------------------------------------- conditioning, computed once
+    @property
+    def device(self) -> torch.device:
+        return self.patch_embedding.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.patch_embedding.weight.dtype
+
+    def time_modulation(self, t: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(e [dim] for the head, e0 [6, dim] for the blocks), float32, cached per timestep value."""
+        if t not in self._time_cache:
+            sinusoid = sinusoidal_embedding(torch.tensor([float(t)]), self.cfg.freq_dim).to(self.device)
+            lin1, lin2 = self.time_embedding[0], self.time_embedding[2]
+            e = F.linear(F.silu(F.linear(sinusoid, lin1.weight.float(), lin1.bias.float())),
+                         lin2.weight.float(), lin2.bias.float())
+            proj = self.time_projection[1]
+            e0 = F.linear(F.silu(e), proj.weight.float(), proj.bias.float())
+            self._time_cache[t] = (e[0], e0[0].unflatten(0, (6, self.cfg.dim)))
+        return self._time_cache[t]
+
+    def text_context_kv(self, text_states: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """umT5 states [L, text_dim] -> per-layer cross-attention (k, v), computed once per prompt.
+
+        Rows are zero-padded to text_len before the embedding and all text_len rows are attended,
+        as in the official model (spec §2.2)."""
+        rows = text_states[: self.cfg.text_len].to(self.device, self.dtype)
+        padded = rows.new_zeros(self.cfg.text_len, rows.shape[1])
+        padded[: rows.shape[0]] = rows
+        context = self.text_embedding(padded.unsqueeze(0))
+        return [block.cross_attn.context_kv(context) for block in self.blocks]
+
+    def encode_audio_block(self, features: torch.Tensor, history: int, history_latents: int):
+        """wav2vec2 features of one block [layers, audio_dim, 12] -> (tokens [3, n+1, dim], global [3, dim]).
+
+        The block is left-padded with `history` copies of its first frame and encoded alone; the
+        first `history_latents` outputs are dropped (spec §2.5.3)."""
+        feats = features.to(self.device).float().unsqueeze(0)
+        feats = torch.cat([feats[..., :1].expand(*feats.shape[:-1], history), feats], dim=-1)
+        glob, local = self.casual_audio_encoder(feats)
+        glob, local = glob[:, history_latents:], local[:, history_latents:]
+        return local[0].to(self.dtype), glob[0, :, 0].to(self.dtype)
+
+    # ----------------------------------------------------------------------------- sink prefill
+    def cond_tokens(self, ref_latent: torch.Tensor, motion_latents: torch.Tensor) -> torch.Tensor:
+        """[1, cond_len, dim]: reference frame tokens then FramePack motion tokens, with role embeddings."""
+        ref = self.patch_embedding(ref_latent.to(self.device, self.dtype).unsqueeze(0)).flatten(2).transpose(1, 2)
+        motion = self.frame_packer(motion_latents.to(self.device, self.dtype))
+        roles = torch.tensor([ROLE_REFERENCE] * ref.shape[1] + [ROLE_MOTION] * motion.shape[1], device=self.device)
+        return torch.cat([ref, motion], dim=1) + self.trainable_cond_mask(roles).to(self.dtype)
+
+    def prefill_sink(self, ref_latent, motion_latents, text_kv, layout: CacheLayout, sink: SinkKeys,
+                     caches: list[StepCache], layers: range | None = None, x: torch.Tensor | None = None):
+        """Run the cond tokens through `layers` (default: all) and fill the cond region of every cache.
+
+        Returns the hidden states after the last layer run, so a caller that shards layers over
+        devices can hand them to the next range."""
+        layers = layers if layers is not None else range(self.cfg.num_layers)
+        if x is None:
+            x = self.cond_tokens(ref_latent, motion_latents)
+        positions = torch.cat([rope.reference_positions(30, layout.h, layout.w),
+                               rope.motion_positions(layout.h, layout.w)])
+        cos, sin = rope.rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, self.device)
+        _, e0_zero = self.time_modulation(0.0)
+        for i in layers:
+            def attend(q_rot, k_rot, k_raw, v, i=i):
+                sink.ref_k[i] = k_raw[:, :, : layout.ref_len].contiguous()
+                for cache in caches:
+                    cache.k[i][:, :, layout.ref_len: layout.cond_len] = k_rot[:, :, layout.ref_len:]
+                    cache.v[i][:, :, : layout.cond_len] = v
+                return attention(q_rot, k_rot, v)
+            x = self.blocks[i](x, e0_zero, cos, sin, attend, text_kv[i])
+        return x
+
+    # ------------------------------------------------------------------------- streaming blocks
+    def embed_noisy(self, latents: torch.Tensor) -> torch.Tensor:
+        """Noisy block latents [C, F, H8, W8] -> tokens [1, F*h*w, dim] with pose/role terms.
+
+        Without a pose video the pose latents are zero, so `cond_encoder` contributes its bias."""
+        x = self.patch_embedding(latents.to(self.device, self.dtype).unsqueeze(0)).flatten(2).transpose(1, 2)
+        return x + self.cond_encoder.bias.to(self.dtype) + self.trainable_cond_mask.weight[ROLE_NOISY].to(self.dtype)
+
+    def run_layers(self, x, layers: range, t: float, first_frame: int, reference_frame: int,
+                   layout: CacheLayout, cache: StepCache, sink: SinkKeys, text_kv, audio) -> torch.Tensor:
+        """Streaming pass of noisy tokens through `layers`, reading/writing `cache` (one step's)."""
+        _, e0 = self.time_modulation(t)
+        frames = x.shape[1] // layout.frame_tokens
+        cos, sin = rope.rope_cos_sin(rope.noisy_positions(first_frame, frames, layout.h, layout.w),
+                                     self.cfg.head_dim, self.cfg.rope_theta, self.device)
+        ref_cos, ref_sin = rope.rope_cos_sin(rope.reference_positions(reference_frame, layout.h, layout.w),
+                                             self.cfg.head_dim, self.cfg.rope_theta, self.device)
+        slot = layout.cond_len + layout.ring_slot(first_frame)
+        active = layout.cond_len + min(layout.ring_len, max(cache.filled, layout.ring_slot(first_frame) + x.shape[1]))
+        audio_tokens, audio_global = audio
+        for i in layers:
+            def attend(q_rot, k_rot, k_raw, v, i=i):
+                keys, values = cache.k[i], cache.v[i]
+                keys[:, :, slot: slot + k_rot.shape[2]] = k_rot
+                values[:, :, slot: slot + v.shape[2]] = v
+                ref = rope.apply_rope(sink.ref_k[i].transpose(1, 2), ref_cos, ref_sin).transpose(1, 2)
+                keys[:, :, : layout.ref_len] = ref
+                return attention(q_rot, keys[:, :, :active], values[:, :, :active])
+            x = self.blocks[i](x, e0, cos, sin, attend, text_kv[i])
+            if i in self.injector_of_layer:
+                x = x + self.audio_injector.residual(self.injector_of_layer[i], x, audio_tokens, audio_global)
+        return x
+
+    def unembed(self, x: torch.Tensor, t: float, layout: CacheLayout) -> torch.Tensor:
+        """Head and unpatchify: tokens [1, F*h*w, dim] -> velocity [C, F, H8, W8] (model dtype)."""
+        e, _ = self.time_modulation(t)
+        out = self.head(x[0], e)                                  # [F*h*w, pt*ph*pw*C], float32
+        pt, ph, pw = self.cfg.patch_size
+        frames = x.shape[1] // layout.frame_tokens
+        out = out.view(frames, layout.h, layout.w, pt, ph, pw, self.cfg.out_dim)
+        out = torch.einsum("fhwpqrc->cfphqwr", out)
+        return out.reshape(self.cfg.out_dim, frames * pt, layout.h * ph, layout.w * pw).to(self.dtype)
+
+    def denoise_block(self, latents, t: float, first_frame: int, reference_frame: int, layout: CacheLayout,
+                      cache: StepCache, sink: SinkKeys, text_kv, audio) -> torch.Tensor:
+        """One denoising step of one block on one device: returns the velocity [C, 3, H8, W8]."""
+        x = self.embed_noisy(latents)
+        x = self.run_layers(x, range(self.cfg.num_layers), t, first_frame, reference_frame, layout,
+                            cache, sink, text_kv, audio)
+        return self.unembed(x, t, layout)
