@@ -1,16 +1,21 @@
 """Attention caches of the causal DiT (spec §2.8), laid out so that every attention call reads ONE
-contiguous key/value range (no concatenation per call).
+contiguous key/value range and the cond region is stored once per PAIR of steps, not once per step.
 
-Per layer and per denoising step, keys and values live in one buffer [1, heads, cond + ring, head_dim]:
+Per layer, steps 2p and 2p+1 share one buffer [1, heads, ring + cond + ring, head_dim]:
 
-    | reference (hw) | motion (1.5·hw) | ring: the last 12 latent frames (12·hw) |
-      └ cond region, written by the sink prefill ┘
+    | ring of step 2p (filled right→left) | reference (hw) | motion (1.5·hw) | ring of step 2p+1 (left→right) |
+                                          └──── cond region (sink prefill) ───┘
 
-* The ring holds the rotated keys / raw values the earlier blocks produced AT THIS STEP's noise
-  level ("timestep forcing"): one `StepCache` per denoising step.
-* The reference keys are re-rotated on every call (the sink frame's temporal position rolls), so
-  their un-rotated form is kept once in `SinkKeys`; motion keys have fixed positions and are stored
-  rotated.
+so step 2p attends to the contiguous range [ring_len − filled, ring_len + cond_len) and step 2p+1
+to [ring_len, ring_len + cond_len + filled). Ring order does not matter: keys are rotated with
+absolute positions and there is no mask. A ring holds the keys/values that the blocks of the last
+12 latent frames produced AT THAT STEP's noise level ("timestep forcing", spec §2.8).
+
+At 704×384 with 4 steps this keeps 2 cond copies instead of 4 (4.3 GB less in bf16), which is
+what lets the bf16 model plus caches fit an 80 GB card.
+
+The reference keys are re-rotated on every call (the sink's temporal position rolls), so their
+un-rotated form is kept in `sink_ref_k`; motion keys have fixed positions and are stored rotated.
 """
 from __future__ import annotations
 
@@ -53,46 +58,97 @@ class CacheLayout:
         return LATENTS_PER_BLOCK * self.frame_tokens
 
     def ring_slot(self, first_frame: int) -> int:
-        """Offset inside the ring where the block starting at latent frame `first_frame` is written."""
+        """Offset (in ring order) where the block starting at latent frame `first_frame` goes."""
         return (first_frame * self.frame_tokens) % self.ring_len
 
-    def bytes_per_step(self, num_layers: int, dim: int, dtype=torch.bfloat16) -> int:
+    def bank_bytes(self, num_layers: int, steps: int, dim: int, dtype=torch.bfloat16) -> int:
         elem = torch.empty((), dtype=dtype).element_size()
-        return 2 * num_layers * (self.cond_len + self.ring_len) * dim * elem
+        pairs = (steps + 1) // 2
+        return 2 * num_layers * (pairs * self.cond_len + steps * self.ring_len) * dim * elem
 
 
 class StepCache:
-    """Keys and values of every layer for one denoising step."""
+    """One denoising step's view of the shared buffers: where its ring and the cond region lie."""
 
-    def __init__(self, layout: CacheLayout, layers: range, num_heads: int, head_dim: int,
-                 dtype: torch.dtype, device):
-        shape = (1, num_heads, layout.cond_len + layout.ring_len, head_dim)
-        self.layout = layout
-        self.layers = layers
-        self.k = {i: torch.zeros(shape, dtype=dtype, device=device) for i in layers}
-        self.v = {i: torch.zeros(shape, dtype=dtype, device=device) for i in layers}
-        self.filled = 0   # ring tokens written so far (saturates at ring_len)
-
-    def active_len(self) -> int:
-        return self.layout.cond_len + self.filled
-
-    def advance(self, first_frame: int) -> None:
-        """Record that the block starting at `first_frame` has been written (after its last layer)."""
-        end = min(self.layout.ring_len, (first_frame + LATENTS_PER_BLOCK) * self.layout.frame_tokens)
-        self.filled = max(self.filled, end)
-
-    def reset_ring(self) -> None:
+    def __init__(self, bank: "KVCacheBank", step: int):
+        self.bank = bank
+        self.layout = bank.layout
+        self.pair = step // 2
+        self.left = step % 2 == 0 and step + 1 < bank.steps   # a lone last step uses the right side
+        lay = self.layout
+        self.cond_start = lay.ring_len if self._paired_buffer() else 0
         self.filled = 0
 
-    def to(self, device, non_blocking: bool = False) -> "StepCache":
-        for store in (self.k, self.v):
-            for i in store:
-                store[i] = store[i].to(device, non_blocking=non_blocking)
-        return self
+    def _paired_buffer(self) -> bool:
+        return self.bank.pair_sizes[self.pair] == 2
+
+    def _buffers(self, layer: int):
+        return self.bank.k[layer][self.pair], self.bank.v[layer][self.pair]
+
+    def _ring_range(self, offset: int, length: int) -> slice:
+        """Buffer positions of ring offsets [offset, offset+length)."""
+        lay = self.layout
+        if self.left:
+            return slice(lay.ring_len - offset - length, lay.ring_len - offset)
+        start = self.cond_start + lay.cond_len + offset
+        return slice(start, start + length)
+
+    def write_block(self, layer: int, first_frame: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        keys, values = self._buffers(layer)
+        where = self._ring_range(self.layout.ring_slot(first_frame), k.shape[2])
+        keys[:, :, where] = k
+        values[:, :, where] = v
+
+    def write_reference(self, layer: int, k_rotated: torch.Tensor) -> None:
+        keys, _ = self._buffers(layer)
+        keys[:, :, self.cond_start: self.cond_start + self.layout.ref_len] = k_rotated
+
+    def write_cond(self, layer: int, motion_k_rotated: torch.Tensor, v: torch.Tensor) -> None:
+        keys, values = self._buffers(layer)
+        lay, start = self.layout, self.cond_start
+        keys[:, :, start + lay.ref_len: start + lay.cond_len] = motion_k_rotated
+        values[:, :, start: start + lay.cond_len] = v
+
+    def active(self, layer: int, first_frame: int, block_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys/values the current block attends to: cond region + ring filled so far incl. itself."""
+        lay = self.layout
+        filled = min(lay.ring_len, max(self.filled, lay.ring_slot(first_frame) + block_len))
+        keys, values = self._buffers(layer)
+        if self.left:
+            where = slice(lay.ring_len - filled, lay.ring_len + lay.cond_len)
+        else:
+            where = slice(self.cond_start, self.cond_start + lay.cond_len + filled)
+        return keys[:, :, where], values[:, :, where]
+
+    def advance(self, first_frame: int) -> None:
+        """Record that the block starting at `first_frame` is written (after its last layer)."""
+        lay = self.layout
+        self.filled = max(self.filled, min(lay.ring_len, lay.ring_slot(first_frame) + lay.block_tokens))
 
 
-class SinkKeys:
-    """Un-rotated reference keys per layer, written by the sink prefill, shared by all steps."""
+class KVCacheBank:
+    """All steps' caches for a range of layers (one device's share when layers are sharded)."""
 
-    def __init__(self):
-        self.ref_k: dict[int, torch.Tensor] = {}
+    def __init__(self, layout: CacheLayout, layers: range, steps: int, num_heads: int, head_dim: int,
+                 dtype: torch.dtype, device):
+        self.layout, self.layers, self.steps = layout, layers, steps
+        self.pair_sizes = [min(2, steps - 2 * p) for p in range((steps + 1) // 2)]
+        self.k: dict[int, list[torch.Tensor]] = {}
+        self.v: dict[int, list[torch.Tensor]] = {}
+        for layer in layers:
+            shapes = [(1, num_heads, layout.cond_len + n * layout.ring_len, head_dim) for n in self.pair_sizes]
+            self.k[layer] = [torch.zeros(s, dtype=dtype, device=device) for s in shapes]
+            self.v[layer] = [torch.zeros(s, dtype=dtype, device=device) for s in shapes]
+        self.sink_ref_k: dict[int, torch.Tensor] = {}
+        self.step_views = [StepCache(self, i) for i in range(steps)]
+
+    def step(self, i: int) -> StepCache:
+        return self.step_views[i]
+
+    def all_steps(self) -> list[StepCache]:
+        return self.step_views
+
+    def release(self) -> None:
+        self.k.clear()
+        self.v.clear()
+        self.sink_ref_k.clear()

@@ -23,7 +23,7 @@ from torch import nn
 
 from . import rope
 from .config import DiTConfig
-from .kv_cache import CacheLayout, SinkKeys, StepCache
+from .kv_cache import CacheLayout, KVCacheBank, StepCache
 from .layers import CrossAttention, RMSNorm, attention, layer_norm, merge_heads, split_heads
 from .model_audio import AudioInjector, CausalAudioEncoder
 
@@ -195,12 +195,13 @@ class LiveAvatarDiT(nn.Module):
         roles = torch.tensor([ROLE_REFERENCE] * ref.shape[1] + [ROLE_MOTION] * motion.shape[1], device=self.device)
         return torch.cat([ref, motion], dim=1) + self.trainable_cond_mask(roles).to(self.dtype)
 
-    def prefill_sink(self, ref_latent, motion_latents, text_kv, layout: CacheLayout, sink: SinkKeys,
-                     caches: list[StepCache], layers: range | None = None, x: torch.Tensor | None = None):
-        """Run the cond tokens through `layers` (default: all) and fill the cond region of every cache.
+    def prefill_sink(self, ref_latent, motion_latents, text_kv, bank: KVCacheBank,
+                     layers: range | None = None, x: torch.Tensor | None = None):
+        """Run the cond tokens through `layers` (default: all) and fill the cond region of every step.
 
         Returns the hidden states after the last layer run, so a caller that shards layers over
         devices can hand them to the next range."""
+        layout = bank.layout
         layers = layers if layers is not None else range(self.cfg.num_layers)
         if x is None:
             x = self.cond_tokens(ref_latent, motion_latents)
@@ -210,10 +211,9 @@ class LiveAvatarDiT(nn.Module):
         _, e0_zero = self.time_modulation(0.0)
         for i in layers:
             def attend(q_rot, k_rot, k_raw, v, i=i):
-                sink.ref_k[i] = k_raw[:, :, : layout.ref_len].contiguous()
-                for cache in caches:
-                    cache.k[i][:, :, layout.ref_len: layout.cond_len] = k_rot[:, :, layout.ref_len:]
-                    cache.v[i][:, :, : layout.cond_len] = v
+                bank.sink_ref_k[i] = k_raw[:, :, : layout.ref_len].contiguous()
+                for cache in bank.all_steps():
+                    cache.write_cond(i, k_rot[:, :, layout.ref_len:], v)
                 return attention(q_rot, k_rot, v)
             x = self.blocks[i](x, e0_zero, cos, sin, attend, text_kv[i])
         return x
@@ -227,25 +227,23 @@ class LiveAvatarDiT(nn.Module):
         return x + self.cond_encoder.bias.to(self.dtype) + self.trainable_cond_mask.weight[ROLE_NOISY].to(self.dtype)
 
     def run_layers(self, x, layers: range, t: float, first_frame: int, reference_frame: int,
-                   layout: CacheLayout, cache: StepCache, sink: SinkKeys, text_kv, audio) -> torch.Tensor:
+                   bank: KVCacheBank, cache: StepCache, text_kv, audio) -> torch.Tensor:
         """Streaming pass of noisy tokens through `layers`, reading/writing `cache` (one step's)."""
+        layout = bank.layout
         _, e0 = self.time_modulation(t)
         frames = x.shape[1] // layout.frame_tokens
         cos, sin = rope.rope_cos_sin(rope.noisy_positions(first_frame, frames, layout.h, layout.w),
                                      self.cfg.head_dim, self.cfg.rope_theta, self.device)
         ref_cos, ref_sin = rope.rope_cos_sin(rope.reference_positions(reference_frame, layout.h, layout.w),
                                              self.cfg.head_dim, self.cfg.rope_theta, self.device)
-        slot = layout.cond_len + layout.ring_slot(first_frame)
-        active = layout.cond_len + min(layout.ring_len, max(cache.filled, layout.ring_slot(first_frame) + x.shape[1]))
         audio_tokens, audio_global = audio
         for i in layers:
             def attend(q_rot, k_rot, k_raw, v, i=i):
-                keys, values = cache.k[i], cache.v[i]
-                keys[:, :, slot: slot + k_rot.shape[2]] = k_rot
-                values[:, :, slot: slot + v.shape[2]] = v
-                ref = rope.apply_rope(sink.ref_k[i].transpose(1, 2), ref_cos, ref_sin).transpose(1, 2)
-                keys[:, :, : layout.ref_len] = ref
-                return attention(q_rot, keys[:, :, :active], values[:, :, :active])
+                cache.write_block(i, first_frame, k_rot, v)
+                ref_k = rope.apply_rope(bank.sink_ref_k[i].transpose(1, 2), ref_cos, ref_sin)
+                cache.write_reference(i, ref_k.transpose(1, 2))
+                keys, values = cache.active(i, first_frame, k_rot.shape[2])
+                return attention(q_rot, keys, values)
             x = self.blocks[i](x, e0, cos, sin, attend, text_kv[i])
             if i in self.injector_of_layer:
                 x = x + self.audio_injector.residual(self.injector_of_layer[i], x, audio_tokens, audio_global)
@@ -261,10 +259,11 @@ class LiveAvatarDiT(nn.Module):
         out = torch.einsum("fhwpqrc->cfphqwr", out)
         return out.reshape(self.cfg.out_dim, frames * pt, layout.h * ph, layout.w * pw).to(self.dtype)
 
-    def denoise_block(self, latents, t: float, first_frame: int, reference_frame: int, layout: CacheLayout,
-                      cache: StepCache, sink: SinkKeys, text_kv, audio) -> torch.Tensor:
+    def denoise_block(self, latents, t: float, first_frame: int, reference_frame: int,
+                      bank: KVCacheBank, cache: StepCache, text_kv, audio) -> torch.Tensor:
         """One denoising step of one block on one device: returns the velocity [C, 3, H8, W8]."""
         x = self.embed_noisy(latents)
-        x = self.run_layers(x, range(self.cfg.num_layers), t, first_frame, reference_frame, layout,
-                            cache, sink, text_kv, audio)
-        return self.unembed(x, t, layout)
+        x = self.run_layers(x, range(self.cfg.num_layers), t, first_frame, reference_frame,
+                            bank, cache, text_kv, audio)
+        cache.advance(first_frame)
+        return self.unembed(x, t, bank.layout)

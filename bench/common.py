@@ -1,0 +1,67 @@
+"""Shared helpers of the benchmarks: full-size random models built directly on the GPU, synthetic
+conditioning, timing with CUDA events. No checkpoint is needed: speed and memory do not depend on
+the weight values (as long as they are finite and of realistic scale)."""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from liveavatar_backend.config import DiTConfig
+from liveavatar_backend.loading import build_empty_dit
+from liveavatar_backend.pipeline import Conditioning
+
+
+def random_dit(cfg: DiTConfig, device, dtype=torch.bfloat16, seed: int = 0):
+    """The DiT with random weights (std 0.02, norms 1, biases 0) allocated on `device`."""
+    torch.manual_seed(seed)
+    model = build_empty_dit(cfg).to_empty(device=device)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.zero_()
+            elif "norm" in name and p.dim() == 1:
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02)
+    return model.to(dtype).eval().requires_grad_(False)
+
+
+def synthetic_conditioning(model, height: int, width: int, seed: int = 0) -> Conditioning:
+    g = torch.Generator(device=model.device).manual_seed(seed)
+    cfg = model.cfg
+    dev, dt = model.device, model.dtype
+    text = torch.randn(64, cfg.text_dim, generator=g, device=dev, dtype=dt)
+    ref = torch.randn(16, 1, height // 8, width // 8, generator=g, device=dev, dtype=dt)
+    motion = torch.randn(16, 19, height // 8, width // 8, generator=g, device=dev, dtype=dt)
+    audio = torch.randn(cfg.audio_layers, cfg.audio_dim, 48, generator=g, device=dev)
+    with torch.no_grad():
+        text_kv = model.text_context_kv(text)
+    return Conditioning(ref, motion, text_kv, lambda first, count: audio[..., :count])
+
+
+def cuda_time_ms(fn, warmup: int = 3, repeat: int = 10) -> float:
+    """Median time of fn() in ms, measured with CUDA events."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+class Stopwatch:
+    def __enter__(self):
+        torch.cuda.synchronize()
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        torch.cuda.synchronize()
+        self.seconds = time.perf_counter() - self.t0

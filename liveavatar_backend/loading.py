@@ -1,0 +1,150 @@
+"""Finding and strictly loading the DiT checkpoint (spec §1.1, §9).
+
+Accepted layouts:
+* the published Wan2.2-S2V-14B folder: `config.json`, `diffusion_pytorch_model.safetensors.index.json`
+  and the shards it names (`diffusion_pytorch_model-0000N-of-00004.safetensors`);
+* ComfyUI's repackaged single file (`wan2.2_s2v_14B_bf16.safetensors` / `_fp16` / `_fp8_scaled`),
+  with or without the `model.diffusion_model.` prefix; scaled-fp8 weights (`.scale_weight`) are
+  dequantised (weight × scale) so that the LoRA merge sees real weights.
+
+Loading is strict: every expected key present exactly once, nothing unexpected, every shape right.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .config import DiTConfig
+from .errors import CheckpointError
+from .model import LiveAvatarDiT
+
+DIT_INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
+DIT_CONFIG_NAME = "config.json"
+COMFY_PREFIX = "model.diffusion_model."        # ComfyUI's full-checkpoint prefix
+SCALED_FP8_MARKER = "scaled_fp8"               # ComfyUI marker key of scaled-fp8 files
+SCALE_SUFFIX = ".scale_weight"                 # per-tensor dequantisation factor (comfy/ops.py)
+INPUT_SCALE_SUFFIX = ".scale_input"            # activation scale, unused here
+
+
+def build_empty_dit(cfg: DiTConfig) -> LiveAvatarDiT:
+    """The DiT with its parameters on the meta device (no memory), ready for `assign` loading."""
+    with torch.device("meta"):
+        return LiveAvatarDiT(cfg)
+
+
+def expected_shapes(cfg: DiTConfig) -> dict[str, tuple[int, ...]]:
+    return {name: tuple(t.shape) for name, t in build_empty_dit(cfg).state_dict().items()}
+
+
+def _open_safetensors(path: Path):
+    try:
+        return safe_open(str(path), framework="pt", device="cpu")
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: file not found") from None
+    except Exception as exc:   # safetensors raises its own error type for truncated / corrupt headers
+        raise CheckpointError(f"{path}: not a readable safetensors file ({exc}); "
+                              "the download may be incomplete — download it again") from None
+
+
+def _shard_map(folder: Path) -> dict[str, str]:
+    index_path = folder / DIT_INDEX_NAME
+    try:
+        index = json.loads(index_path.read_text())
+        weight_map = index["weight_map"]
+    except FileNotFoundError:
+        raise CheckpointError(f"{index_path}: missing; the Wan2.2-S2V-14B folder must contain it "
+                              "next to the diffusion_pytorch_model-0000N-of-00004.safetensors shards") from None
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{index_path}: not a safetensors index ({exc})") from None
+    return weight_map
+
+
+def _iter_folder(folder: Path) -> Iterator[tuple[str, Path, object]]:
+    """(key, file, open handle) for every key of a sharded folder, checking the index against the shards."""
+    weight_map = _shard_map(folder)
+    by_shard: dict[str, list[str]] = {}
+    for key, shard in weight_map.items():
+        by_shard.setdefault(shard, []).append(key)
+    for shard, keys in sorted(by_shard.items()):
+        path = folder / shard
+        if not path.exists():
+            raise CheckpointError(f"{path}: shard missing (the index lists {len(keys)} keys in it, e.g. "
+                                  f"{keys[0]!r}); download every diffusion_pytorch_model-*.safetensors file")
+        handle = _open_safetensors(path)
+        present = set(handle.keys())
+        for key in keys:
+            if key not in present:
+                raise CheckpointError(f"{path}: key {key!r} listed in {DIT_INDEX_NAME} is not in this shard")
+            yield key, path, handle
+
+
+def _iter_single_file(path: Path) -> Iterator[tuple[str, Path, object]]:
+    handle = _open_safetensors(path)
+    keys = list(handle.keys())
+    prefixed = all(k.startswith(COMFY_PREFIX) for k in keys if k != SCALED_FP8_MARKER)
+    for key in keys:
+        if key == SCALED_FP8_MARKER or key.endswith(SCALE_SUFFIX) or key.endswith(INPUT_SCALE_SUFFIX):
+            continue
+        name = key[len(COMFY_PREFIX):] if prefixed else key
+        yield name, path, (handle, key)
+
+
+def read_tensor(entry, name: str) -> torch.Tensor:
+    """Read one tensor (dequantising ComfyUI scaled fp8) from a (_iter_*) entry."""
+    if isinstance(entry, tuple):
+        handle, key = entry
+        tensor = handle.get_tensor(key)
+        scale_key = key[: -len(".weight")] + SCALE_SUFFIX if key.endswith(".weight") else None
+        if scale_key and scale_key in handle.keys():
+            tensor = tensor.to(torch.float32) * handle.get_tensor(scale_key).to(torch.float32)
+        return tensor
+    return entry.get_tensor(name)
+
+
+def dit_config_for(path: Path) -> DiTConfig:
+    """The DiT configuration of a checkpoint folder (config.json) or single file (14B values)."""
+    if path.is_dir():
+        return DiTConfig.from_json(path / DIT_CONFIG_NAME)
+    sibling = path.with_suffix(".json")
+    return DiTConfig.from_json(sibling) if sibling.exists() else DiTConfig.wan_s2v_14b()
+
+
+def load_dit(path: str | Path, *, device="cpu", dtype=torch.bfloat16,
+             cfg: DiTConfig | None = None) -> LiveAvatarDiT:
+    """Load the DiT from a Wan2.2-S2V-14B folder or a single safetensors file, strictly.
+
+    Tensors are read one at a time, converted and placed on `device`, so peak host memory stays
+    near one tensor whatever the model size."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: not found; point it at the Wan2.2-S2V-14B folder or a "
+                              "wan2.2_s2v_14B*.safetensors file")
+    cfg = cfg or dit_config_for(path)
+    model = build_empty_dit(cfg)
+    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    entries = _iter_folder(path) if path.is_dir() else _iter_single_file(path)
+    loaded: dict[str, torch.Tensor] = {}
+    for name, file, entry in entries:
+        if name not in shapes:
+            raise CheckpointError(f"{file}: unexpected key {name!r}; this is not a Wan2.2-S2V-14B DiT "
+                                  "checkpoint (or it was saved by a different model class)")
+        if name in loaded:
+            raise CheckpointError(f"{file}: key {name!r} appears twice")
+        try:
+            tensor = read_tensor(entry, name)
+        except Exception as exc:
+            raise CheckpointError(f"{file}: cannot read {name!r} ({exc}); the file may be truncated") from None
+        if tuple(tensor.shape) != shapes[name]:
+            raise CheckpointError(f"{file}: {name!r} has shape {list(tensor.shape)}, expected "
+                                  f"{list(shapes[name])} for {cfg.dim=} {cfg.num_layers=}")
+        loaded[name] = tensor.to(device=device, dtype=dtype)
+    missing = [name for name in shapes if name not in loaded]
+    if missing:
+        raise CheckpointError(f"{path}: {len(missing)} DiT keys missing, e.g. {missing[:3]}; "
+                              "the checkpoint is incomplete or of another model")
+    model.load_state_dict(loaded, strict=True, assign=True)
+    return model.eval().requires_grad_(False)

@@ -1,0 +1,127 @@
+"""The DiT: full-size structure against the published key manifest, RoPE positions, and the
+cache layout against a naive re-implementation of the official per-step caches."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from liveavatar_backend import rope
+from liveavatar_backend.config import DiTConfig
+from liveavatar_backend.kv_cache import CacheLayout, KVCacheBank
+from liveavatar_backend.loading import build_empty_dit
+from liveavatar_backend.model import LiveAvatarDiT
+
+MANIFEST = Path(__file__).resolve().parents[2] / "shared" / "reference" / "liveavatar_dit_14b_keys.json"
+
+
+@pytest.fixture(scope="module")
+def manifest():
+    if not MANIFEST.exists():
+        pytest.skip(f"{MANIFEST} not found (it lives in ../shared beside the checkout)")
+    return json.loads(MANIFEST.read_text())
+
+
+def test_full_size_model_matches_manifest_exactly(manifest):
+    model = build_empty_dit(DiTConfig.wan_s2v_14b())
+    ours = {name: list(t.shape) for name, t in model.state_dict().items()}
+    published = {name: shape for name, shape in manifest["keys"]}
+    assert len(ours) == len(published) == manifest["num_tensors"] == 1260
+    assert ours == published
+    assert sum(t.numel() for t in model.state_dict().values()) == manifest["total_parameters"]
+    assert all(t.device.type == "meta" for t in model.state_dict().values())
+
+
+def test_config_json_round_trip(tmp_path):
+    cfg = DiTConfig.tiny()
+    (tmp_path / "config.json").write_text(json.dumps(cfg.to_json_dict()))
+    assert DiTConfig.from_json(tmp_path / "config.json") == cfg
+
+
+def test_rope_positions_follow_the_official_layout():
+    h, w = 24, 44                      # 384×704
+    motion = rope.motion_positions(h, w)
+    assert motion.shape[0] == h * w + (h // 2) * (w // 2) + 4 * (h // 4) * (w // 4)
+    times = sorted(set(motion[:, 0].tolist()))
+    assert times == [-19, -14, -9, -4, -3, -1]
+    half = motion[h * w: h * w + (h // 2) * (w // 2)]
+    assert half[:, 1].unique().tolist()[:3] == [0, 2, 4]            # linspace(0, 23, 12) truncated
+    assert half[:, 1].max() == h - 1
+    assert rope.rope_pair_split(128) == (22, 21, 21)
+
+
+def test_rope_tables_are_fp16_quantised_and_unbounded():
+    pos = torch.tensor([[44999.0, 3.0, 5.0], [1_000_000.0, 0.0, 0.0], [-4.0, 0.0, 0.0]], dtype=torch.float64)
+    cos, sin = rope.rope_cos_sin(pos, 128)
+    assert torch.equal(cos, cos.half().float()) and torch.isfinite(cos).all()
+    # negative times are the conjugate of the positive table entry (official: .conj())
+    cos4, sin4 = rope.rope_cos_sin(torch.tensor([[4.0, 0.0, 0.0]], dtype=torch.float64), 128)
+    assert torch.equal(cos[2, :22], cos4[0, :22]) and torch.equal(sin[2, :22], -sin4[0, :22])
+
+
+class NaiveBank:
+    """The official caches, written plainly: per step a list of (k, v) blocks in a 12-frame ring,
+    plus one cond (k, v); attention over their concatenation."""
+
+    def __init__(self, layout, steps, layers):
+        self.layout = layout
+        self.sink_ref_k = {}
+        self.cond = {}
+        self.views = [NaiveStep(self, layers) for _ in range(steps)]
+
+    def step(self, i):
+        return self.views[i]
+
+    def all_steps(self):
+        return self.views
+
+
+class NaiveStep:
+    def __init__(self, bank, layers):
+        self.bank, self.layout = bank, bank.layout
+        self.ring = {i: {} for i in layers}
+        self.ref = {}
+
+    def write_cond(self, layer, motion_k, v):
+        self.bank.cond[layer] = (motion_k.clone(), v.clone())
+
+    def write_block(self, layer, first_frame, k, v):
+        self.ring[layer][first_frame % 12] = (k.clone(), v.clone())
+
+    def write_reference(self, layer, k):
+        self.ref[layer] = k.clone()
+
+    def active(self, layer, first_frame, block_len):
+        motion_k, cond_v = self.bank.cond[layer]
+        ks = [b[0] for b in self.ring[layer].values()] + [self.ref[layer], motion_k]
+        vs = [b[1] for b in self.ring[layer].values()] + [cond_v]
+        return torch.cat(ks, dim=2), torch.cat(vs, dim=2)
+
+    def advance(self, first_frame):
+        pass
+
+
+@pytest.mark.parametrize("steps", [2, 3, 4])
+def test_paired_cache_bank_equals_naive_caches(steps):
+    torch.manual_seed(0)
+    cfg = DiTConfig.tiny()
+    model = LiveAvatarDiT(cfg).eval()
+    layout = CacheLayout(4, 8)
+    text_kv = model.text_context_kv(torch.randn(5, cfg.text_dim))
+    ref, motion = torch.randn(16, 1, 8, 16), torch.randn(16, 19, 8, 16)
+    audio = model.encode_audio_block(torch.randn(cfg.audio_layers, cfg.audio_dim, 12), 73, 19)
+    layers = range(cfg.num_layers)
+    bank = KVCacheBank(layout, layers, steps, cfg.num_heads, cfg.head_dim, torch.float32, "cpu")
+    naive = NaiveBank(layout, steps, layers)
+    with torch.no_grad():
+        for b in (bank, naive):
+            model.prefill_sink(ref, motion, text_kv, b)
+        # 6 blocks: two clips, so the ring wraps around
+        for block in range(6):
+            first = 3 * block
+            x = torch.randn(16, 3, 8, 16)
+            for i in range(steps):
+                t = 1000.0 - 100 * i
+                out = model.denoise_block(x, t, first, 30 + block, bank, bank.step(i), text_kv, audio)
+                ref_out = model.denoise_block(x, t, first, 30 + block, naive, naive.step(i), text_kv, audio)
+                torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
