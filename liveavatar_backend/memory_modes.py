@@ -1,0 +1,34 @@
+"""The named memory modes users pick from (issue 4), and what each changes.
+
+| mode      | DiT weights | step caches            | text/audio encoders |
+|-----------|-------------|------------------------|---------------------|
+| quality   | bf16        | on the GPU             | CPU after use       |
+| balanced  | FP8 (e4m3)  | on the GPU             | CPU after use       |
+| low_vram  | FP8 (e4m3)  | pinned host memory, streamed in layer by layer | CPU |
+
+On the CPU every mode computes in float32 (FP8 is emulated in float32 where a mode asks for it).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryMode:
+    name: str
+    fp8_weights: bool
+    offload_caches: bool
+
+
+MEMORY_MODES = {
+    "quality": MemoryMode("quality", fp8_weights=False, offload_caches=False),
+    "balanced": MemoryMode("balanced", fp8_weights=True, offload_caches=False),
+    "low_vram": MemoryMode("low_vram", fp8_weights=True, offload_caches=True),
+}
+
+
+def memory_mode(name: str) -> MemoryMode:
+    from .errors import InputError
+    if name not in MEMORY_MODES:
+        raise InputError(f"memory_mode {name!r}: choose one of {', '.join(MEMORY_MODES)}")
+    return MEMORY_MODES[name]
