@@ -12,7 +12,7 @@ Loading is strict: every expected key present exactly once, nothing unexpected, 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -113,12 +113,18 @@ def dit_config_for(path: Path) -> DiTConfig:
     return DiTConfig.from_json(sibling) if sibling.exists() else DiTConfig.wan_s2v_14b()
 
 
-def load_dit(path: str | Path, *, device="cpu", dtype=torch.bfloat16,
-             cfg: DiTConfig | None = None) -> LiveAvatarDiT:
+def _header_shape(entry, name: str) -> tuple[int, ...]:
+    handle, key = entry if isinstance(entry, tuple) else (entry, name)
+    return tuple(handle.get_slice(key).get_shape())
+
+
+def load_dit(path: str | Path, *, device="cpu", dtype=torch.bfloat16, cfg: DiTConfig | None = None,
+             keep: Callable[[str], bool] | None = None) -> LiveAvatarDiT:
     """Load the DiT from a Wan2.2-S2V-14B folder or a single safetensors file, strictly.
 
-    Tensors are read one at a time, converted and placed on `device`, so peak host memory stays
-    near one tensor whatever the model size."""
+    Tensors are read one at a time, converted and placed on `device`. With `keep`, only the
+    parameters it accepts are read (a GPU holding a range of layers); the others stay on the meta
+    device, but every key is still checked for presence and shape."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: not found; point it at the Wan2.2-S2V-14B folder or a "
@@ -128,23 +134,29 @@ def load_dit(path: str | Path, *, device="cpu", dtype=torch.bfloat16,
     shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     entries = _iter_folder(path) if path.is_dir() else _iter_single_file(path)
     loaded: dict[str, torch.Tensor] = {}
+    seen: set[str] = set()
     for name, file, entry in entries:
         if name not in shapes:
             raise CheckpointError(f"{file}: unexpected key {name!r}; this is not a Wan2.2-S2V-14B DiT "
                                   "checkpoint (or it was saved by a different model class)")
-        if name in loaded:
+        if name in seen:
             raise CheckpointError(f"{file}: key {name!r} appears twice")
-        try:
-            tensor = read_tensor(entry, name)
-        except Exception as exc:
-            raise CheckpointError(f"{file}: cannot read {name!r} ({exc}); the file may be truncated") from None
-        if tuple(tensor.shape) != shapes[name]:
-            raise CheckpointError(f"{file}: {name!r} has shape {list(tensor.shape)}, expected "
+        seen.add(name)
+        if keep is not None and not keep(name):
+            shape = _header_shape(entry, name)
+        else:
+            try:
+                tensor = read_tensor(entry, name)
+            except Exception as exc:
+                raise CheckpointError(f"{file}: cannot read {name!r} ({exc}); the file may be truncated") from None
+            shape = tuple(tensor.shape)
+            loaded[name] = tensor.to(device=device, dtype=dtype)
+        if shape != shapes[name]:
+            raise CheckpointError(f"{file}: {name!r} has shape {list(shape)}, expected "
                                   f"{list(shapes[name])} for {cfg.dim=} {cfg.num_layers=}")
-        loaded[name] = tensor.to(device=device, dtype=dtype)
-    missing = [name for name in shapes if name not in loaded]
+    missing = [name for name in shapes if name not in seen]
     if missing:
         raise CheckpointError(f"{path}: {len(missing)} DiT keys missing, e.g. {missing[:3]}; "
                               "the checkpoint is incomplete or of another model")
-    model.load_state_dict(loaded, strict=True, assign=True)
+    model.load_state_dict(loaded, strict=keep is None, assign=True)
     return model.eval().requires_grad_(False)

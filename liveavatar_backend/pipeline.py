@@ -72,11 +72,15 @@ class ProgressEvent:
     latents: torch.Tensor | None = None   # the block's latents when a block finishes (for previews)
 
 
-def sink_offset_sampler(seed: int) -> Callable[[], int]:
-    """The per-call sink RoPE offset d ~ U{4..30} (spec §2.4), seeded for reproducibility."""
-    rng = random.Random(seed)
+def sink_offset(seed: int, first_frame: int, step: int) -> int:
+    """The sink RoPE offset d ~ U{4..30} of one forward call (spec §2.4).
+
+    The official code draws it from Python's unseeded global `random` on every call, so its
+    output is not reproducible. Here it is a pure function of (seed, block, step): the same seed
+    gives the same video, and a multi-GPU schedule that runs calls in another order still
+    matches the single-GPU result."""
     low, high = C.SINK_OFFSET_RANGE
-    return lambda: rng.randint(low, high)
+    return random.Random(f"{seed}:{first_frame}:{step}").randint(low, high)
 
 
 def reference_frame(first_frame: int, offset: int) -> int:
@@ -95,11 +99,12 @@ class BlockSampler:
     """Runs the causal loop of one generation on one device and yields clean clip latents."""
 
     def __init__(self, dit: LiveAvatarDiT, plan: GenerationPlan, cond: Conditioning, *,
-                 rolling_sink: bool = True, offset_sampler: Callable[[], int] | None = None):
+                 rolling_sink: bool = True, offset: Callable[[int, int], int] | None = None):
         validate_steps(plan.steps)
         self.dit, self.plan, self.cond = dit, plan, cond
         self.rolling_sink = rolling_sink
-        self.next_offset = offset_sampler or sink_offset_sampler(plan.seed)
+        # (first_frame, step) -> sink offset; tests pin it to compare with the official code
+        self.offset = offset or (lambda first_frame, step: sink_offset(plan.seed, first_frame, step))
         self.timesteps, self.sigmas = flow_match_schedule(plan.steps)
         cfg = dit.cfg
         layout = plan.layout
@@ -112,7 +117,7 @@ class BlockSampler:
     def denoise_block(self, x: torch.Tensor, audio, first_frame: int, on_step) -> torch.Tensor:
         for i in range(self.plan.steps):
             t = float(self.timesteps[i])
-            velocity = self.dit.denoise_block(x, t, first_frame, reference_frame(first_frame, self.next_offset()),
+            velocity = self.dit.denoise_block(x, t, first_frame, reference_frame(first_frame, self.offset(first_frame, i)),
                                               self.bank, self.bank.step(i), self.cond.text_kv, audio)
             x = euler_step(x, velocity, float(self.sigmas[i]), float(self.sigmas[i + 1]))
             on_step(i)
