@@ -1,10 +1,11 @@
 """Speed and memory of the full-size model on one GPU (issue 4).
 
 Builds the 14B DiT with random weights directly on the GPU, runs the real causal generation loop
-(`BlockSampler`) for a few clips at each size / step count / mode, re-measures the hardware floor
-in the same process, and prints a table; rows are also written as JSON to bench/results/.
+(`BlockSampler`) for a few clips per case and mode, re-measures the hardware floor in the same
+process, checks every optimised mode against the plain eager bf16 path (relative error per block
+after all steps, same seed), and prints a table; rows also go to <out>/<device>-<date>.json.
 
-    python bench/bench_single_gpu.py --sizes 384*256,704*384 --steps 3,4 --modes bf16,fp8 --clips 3
+    python bench/bench_single_gpu.py --cases 384*256:3,704*384:4 --modes bf16,bf16-compiled,fp8-compiled
 """
 from __future__ import annotations
 
@@ -21,8 +22,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import Stopwatch, random_dit, synthetic_conditioning   # noqa: E402
+from common import random_dit, synthetic_conditioning                # noqa: E402
 from floor import step_floor_ms                                      # noqa: E402
+from liveavatar_backend import block_ops                             # noqa: E402
 from liveavatar_backend import constants as C                        # noqa: E402
 from liveavatar_backend.config import DiTConfig                      # noqa: E402
 from liveavatar_backend.fp8 import convert_to_fp8                    # noqa: E402
@@ -32,78 +34,91 @@ from liveavatar_backend.sizes import parse_size, target_size         # noqa: E40
 PORTRAIT_HW = (400, 720)     # the bundled examples are 720×400 landscape portraits
 
 
-def run_case(model, size: str, steps: int, clips: int, mode: str, floors: dict) -> dict:
+def plan_for(size: str, steps: int, clips: int) -> GenerationPlan:
     width, height = parse_size(size)
-    H, W = target_size(*PORTRAIT_HW, width * height)
-    plan = GenerationPlan(H, W, clips, steps, seed=0)
-    cond = synthetic_conditioning(model, H, W)
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    block_times: list[float] = []
-    marks = {}
+    return GenerationPlan(*target_size(*PORTRAIT_HW, width * height), clips, steps, seed=0)
+
+
+def run_clips(model, plan: GenerationPlan):
+    """Generate; returns (clean latents of every block, seconds per block, seconds to first block)."""
+    cond = synthetic_conditioning(model, plan.height, plan.width)
+    blocks, times = [], []
+    t0 = last = time.perf_counter()
 
     def on_progress(event):
+        nonlocal last
         if event.latents is not None:
             torch.cuda.synchronize()
-            block_times.append(time.perf_counter() - marks["last"])
-            marks["last"] = time.perf_counter()
-            if "first" not in marks:
-                marks["first"] = marks["last"] - marks["start"]
+            now = time.perf_counter()
+            times.append(now - last)
+            last = now
+            blocks.append(event.latents.float().cpu())
 
-    sampler = BlockSampler(model, plan, cond)
-    torch.cuda.synchronize()
-    marks["start"] = marks["last"] = time.perf_counter()
-    for _ in sampler.clips(on_progress=on_progress):
+    for _ in BlockSampler(model, plan, cond).clips(on_progress=on_progress):
         pass
-    torch.cuda.synchronize()
-    steady = block_times[C.BLOCKS_PER_CLIP:] or block_times      # skip clip 0 (warm-up, prefill)
-    steady.sort()
-    block_s = steady[len(steady) // 2]
-    ms_per_block_step = 1000 * block_s / steps
-    key = (size, mode == "fp8")
-    if key not in floors:
-        floors[key] = step_floor_ms(plan.layout, model.cfg, fp8=(mode == "fp8"))
-    floor = floors[key]
-    return {"device": torch.cuda.get_device_name(), "gpus": 1, "size": f"{W}*{H}", "area_preset": size,
-            "steps": steps, "mode": mode, "clips": clips,
-            "fps": C.FRAMES_PER_BLOCK / block_s, "ms_per_block_step": ms_per_block_step,
-            "ttff_s": marks["first"], "ttff_includes": "prefill + first block (DiT only)",
-            "peak_gb": torch.cuda.max_memory_allocated() / 1e9,
-            "floor_step_ms": floor["step_ms"], "floor_ratio": ms_per_block_step / floor["step_ms"]}
+    return blocks, times, times[0] + (last - t0 - sum(times))
+
+
+def relative_errors(blocks, reference) -> float:
+    return max(((a - b).norm() / b.norm()).item() for a, b in zip(blocks, reference))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", default="384*256,704*384")
-    parser.add_argument("--steps", default="3,4")
-    parser.add_argument("--modes", default="bf16,fp8")
+    parser.add_argument("--cases", default="384*256:3,704*384:4", help="size:steps,…")
+    parser.add_argument("--modes", default="bf16,bf16-compiled,fp8-compiled")
     parser.add_argument("--clips", type=int, default=3)
     parser.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     args = parser.parse_args()
-    torch.backends.cuda.matmul.allow_tf32 = True
-    cfg = DiTConfig.wan_s2v_14b()
-    with Stopwatch() as build:
-        model = random_dit(cfg, "cuda")
-    print(f"built 14B DiT on GPU in {build.seconds:.1f} s, {torch.cuda.memory_allocated() / 1e9:.1f} GB", flush=True)
-    rows, floors = [], {}
+    cases = [(s, int(n)) for s, n in (c.split(":") for c in args.cases.split(","))]
+    model = random_dit(DiTConfig.wan_s2v_14b(), "cuda")
+    rows, floors, reference = [], {}, {}
     for mode in args.modes.split(","):
-        if mode == "fp8":
+        if mode.startswith("fp8") and not hasattr(model.blocks[0].ffn[0], "weight_fp8"):
             convert_to_fp8(model)
             torch.cuda.empty_cache()
-        for size in args.sizes.split(","):
-            for steps in map(int, args.steps.split(",")):
-                row = run_case(model, size, steps, args.clips, mode, floors)
-                print(json.dumps(row), flush=True)
-                rows.append(row)
-    date = datetime.date.today().isoformat()
+        compile_s = None
+        if mode.endswith("-compiled"):
+            block_ops.enable_compile()
+        else:
+            block_ops.disable_compile()
+        for size, steps in cases:
+            plan = plan_for(size, steps, args.clips)
+            if mode.endswith("-compiled"):
+                t = time.perf_counter()
+                run_clips(model, plan_for(size, steps, 1))        # warm-up: compiles for these shapes
+                compile_s = time.perf_counter() - t
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            blocks, times, ttff = run_clips(model, plan)
+            steady = sorted(times[C.BLOCKS_PER_CLIP:] or times)
+            block_s = steady[len(steady) // 2]
+            fp8 = mode.startswith("fp8")
+            if (size, fp8) not in floors:
+                floors[(size, fp8)] = step_floor_ms(plan.layout, model.cfg, fp8=fp8)["step_ms"]
+            if mode == "bf16":
+                reference[(size, steps)] = blocks
+            err = relative_errors(blocks, reference[(size, steps)]) if (size, steps) in reference else None
+            row = {"device": torch.cuda.get_device_name(), "gpus": 1, "size": f"{plan.width}*{plan.height}",
+                   "steps": steps, "mode": mode, "clips": args.clips, "fps": C.FRAMES_PER_BLOCK / block_s,
+                   "ms_per_block_step": 1000 * block_s / steps, "ttff_s": ttff,
+                   "ttff_includes": "prefill + first block, DiT only", "compile_s": compile_s,
+                   "peak_gb": torch.cuda.max_memory_allocated() / 1e9, "floor_step_ms": floors[(size, fp8)],
+                   "floor_ratio": 1000 * block_s / steps / floors[(size, fp8)], "max_rel_err_vs_bf16_eager": err,
+                   "date": datetime.date.today().isoformat(), "torch": torch.__version__}
+            print(json.dumps(row), flush=True)
+            rows.append(row)
     name = torch.cuda.get_device_name().replace(" ", "-")
-    out = Path(args.out) / f"{name}-{date}.json"
+    out = Path(args.out) / f"{name}-{datetime.date.today().isoformat()}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(rows, indent=1))
-    print(f"\n{'size':>9} {'steps':>5} {'mode':>5} {'FPS':>6} {'ms/blk-step':>11} {'TTFF s':>7} {'peak GB':>8} {'floor ms':>8} {'ratio':>6}")
+    print(f"\n{'size':>9} {'steps':>5} {'mode':>14} {'FPS':>6} {'ms/blk-step':>11} {'TTFF s':>7} {'peak GB':>8} "
+          f"{'floor':>6} {'ratio':>6} {'rel.err':>8} {'compile s':>9}")
     for r in rows:
-        print(f"{r['size']:>9} {r['steps']:>5} {r['mode']:>5} {r['fps']:6.1f} {r['ms_per_block_step']:11.1f} "
-              f"{r['ttff_s']:7.2f} {r['peak_gb']:8.1f} {r['floor_step_ms']:8.1f} {r['floor_ratio']:6.2f}")
+        err = "-" if r["max_rel_err_vs_bf16_eager"] is None else f"{r['max_rel_err_vs_bf16_eager']:.1e}"
+        comp = "-" if r["compile_s"] is None else f"{r['compile_s']:.0f}"
+        print(f"{r['size']:>9} {r['steps']:>5} {r['mode']:>14} {r['fps']:6.1f} {r['ms_per_block_step']:11.1f} "
+              f"{r['ttff_s']:7.2f} {r['peak_gb']:8.1f} {r['floor_step_ms']:6.1f} {r['floor_ratio']:6.2f} {err:>8} {comp:>9}")
 
 
 if __name__ == "__main__":

@@ -5,8 +5,8 @@ per-tensor activation scaling on every call, `torch._scaled_mm` with float32 sca
 output. Applied AFTER the LoRA merge. The layers the official code keeps in high precision
 (timestep and text embeddings, the head, the audio encoder's final linear) are skipped.
 
-On devices without FP8 matrix units (CPU, pre-Hopper GPUs) the same quantised values are
-multiplied in float32, so the numerical effect of FP8 can be measured anywhere.
+On the CPU the same quantised values are multiplied in float32, so the numerical effect of FP8
+can be measured anywhere (FP8 on a GPU needs compute capability 8.9+: Ada, Hopper or newer).
 """
 from __future__ import annotations
 
@@ -29,11 +29,16 @@ def quantize_per_tensor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x8, scale.reciprocal()
 
 
-def _scaled_mm_supported(device: torch.device) -> bool:
-    if device.type != "cuda":
-        return False
-    major, minor = torch.cuda.get_device_capability(device)
-    return (major, minor) >= (8, 9)
+def fp8_linear(x: torch.Tensor, w8: torch.Tensor, w_inv_scale: torch.Tensor, bias) -> torch.Tensor:
+    """x @ W.T + bias with W stored as (w8, inverse scale) and x quantised per call (per tensor)."""
+    flat = x.reshape(-1, x.shape[-1])
+    x8, x_inv_scale = quantize_per_tensor(flat)
+    if x.is_cuda:
+        out = torch._scaled_mm(x8, w8.t(), scale_a=x_inv_scale, scale_b=w_inv_scale, bias=bias,
+                               out_dtype=x.dtype, use_fast_accum=True)
+    else:   # no FP8 matrix units here: the same quantised values, multiplied in float32
+        out = F.linear(x8.float() * x_inv_scale, w8.float() * w_inv_scale, None if bias is None else bias.float())
+    return out.to(x.dtype).reshape(*x.shape[:-1], -1)
 
 
 class FP8Linear(nn.Module):
@@ -47,24 +52,9 @@ class FP8Linear(nn.Module):
         self.register_buffer("weight_scale", w_inv_scale)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.data.to(out_dtype),
                                                                   requires_grad=False)
-        self.out_dtype = out_dtype
-        self.use_scaled_mm = _scaled_mm_supported(w8.device)
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """Dequantised weight (for code that inspects it); not used by forward."""
-        return (self.weight_fp8.float() * self.weight_scale).to(self.out_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features)
-        x8, x_inv_scale = quantize_per_tensor(flat)
-        if self.use_scaled_mm:
-            out = torch._scaled_mm(x8, self.weight_fp8.t(), scale_a=x_inv_scale, scale_b=self.weight_scale,
-                                   bias=self.bias, out_dtype=self.out_dtype, use_fast_accum=True)
-        else:
-            out = F.linear(x8.float() * x_inv_scale, self.weight_fp8.float() * self.weight_scale,
-                           None if self.bias is None else self.bias.float()).to(self.out_dtype)
-        return out.reshape(*x.shape[:-1], self.out_features)
+        return fp8_linear(x, self.weight_fp8, self.weight_scale, self.bias)
 
 
 def convert_to_fp8(model: nn.Module, out_dtype: torch.dtype = torch.bfloat16) -> int:

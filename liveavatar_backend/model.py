@@ -21,14 +21,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import rope
+from . import block_ops, rope
 from .config import DiTConfig
 from .kv_cache import CacheLayout, KVCacheBank, StepCache
-from .layers import CrossAttention, RMSNorm, attention, layer_norm, merge_heads, split_heads
+from .layers import CrossAttention, RMSNorm, attention, layer_norm
 from .model_audio import AudioInjector, CausalAudioEncoder
 
 ROLE_NOISY, ROLE_REFERENCE, ROLE_MOTION = 0, 1, 2     # rows of trainable_cond_mask (spec §2.2)
 FRAMEPACK_BUCKETS = (16, 2, 1)                         # oldest → newest motion latents (spec §2.6)
+
+
+def linear_weights(layer: nn.Module) -> tuple:
+    """(weight, bias) of an nn.Linear, or (weight_fp8, inverse_scale, bias) of an FP8Linear."""
+    if hasattr(layer, "weight_fp8"):
+        return layer.weight_fp8, layer.weight_scale, layer.bias
+    return layer.weight, layer.bias
 
 
 class SelfAttention(nn.Module):
@@ -42,21 +49,17 @@ class SelfAttention(nn.Module):
         self.norm_q = RMSNorm(dim, eps)
         self.norm_k = RMSNorm(dim, eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend) -> torch.Tensor:
-        """`attend(q_rot, k_rot, k_raw, v) -> out` decides which keys/values the tokens see."""
-        q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1))
-        k = self.norm_k(self.k(x)).unflatten(-1, (self.num_heads, -1))
-        v = split_heads(self.v(x), self.num_heads)
-        q_rot = rope.apply_rope(q, cos, sin).transpose(1, 2)
-        k_rot = rope.apply_rope(k, cos, sin).transpose(1, 2)
-        out = attend(q_rot, k_rot, k.transpose(1, 2), v)
-        return self.o(merge_heads(out))
-
 
 class DiTBlock(nn.Module):
+    """Wan 2.x block: modulated self-attention (RoPE, over the caches), text cross-attention, FFN.
+
+    The arithmetic lives in `block_ops` (compilable pure functions); this module holds the
+    weights and the published parameter names."""
+
     def __init__(self, cfg: DiTConfig):
         super().__init__()
         self.eps = cfg.eps
+        self.num_heads = cfg.num_heads
         self.modulation = nn.Parameter(torch.randn(1, 6, cfg.dim) / cfg.dim ** 0.5)
         self.self_attn = SelfAttention(cfg.dim, cfg.num_heads, cfg.eps)
         self.cross_attn = CrossAttention(cfg.dim, cfg.num_heads, cfg.eps)
@@ -64,19 +67,21 @@ class DiTBlock(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(cfg.dim, cfg.ffn_dim), nn.GELU(approximate="tanh"),
                                  nn.Linear(cfg.ffn_dim, cfg.dim))
 
-    def forward(self, x: torch.Tensor, e0: torch.Tensor, cos, sin, attend, text_kv) -> torch.Tensor:
-        """x [1, L, dim]; e0 [6, dim] float32 (one modulation set for all tokens of the call)."""
-        dtype = x.dtype
-        shift_a, scale_a, gate_a, shift_f, scale_f, gate_f = (self.modulation[0].float() + e0).unbind(0)
-        h = layer_norm(x, self.eps).to(dtype).float() * (1 + scale_a) + shift_a
-        y = self.self_attn(h.to(dtype), cos, sin, attend)
-        x = x.float() + y.float() * gate_a
-        # the official block casts to bf16 before the text cross-attention, whatever the dtype (spec §11)
-        h = layer_norm(x.to(torch.bfloat16), self.eps, self.norm3.weight, self.norm3.bias)
-        x = x + self.cross_attn(h.to(dtype), text_kv).float()
-        h = layer_norm(x, self.eps) * (1 + scale_f) + shift_f
-        x = x + self.ffn(h.to(dtype)).float() * gate_f
-        return x.to(dtype)
+    def forward(self, x: torch.Tensor, e0: torch.Tensor, cos, sin, attend, text_kv,
+                use_compiled: bool = True) -> torch.Tensor:
+        """x [1, L, dim]; e0 [6, dim] float32 (one modulation set for all tokens of the call);
+        `attend(q_rot, k_rot, k_raw, v) -> out` decides which keys/values the tokens see.
+        `use_compiled=False` forces eager code (the one-off sink prefill is not worth compiling)."""
+        sa, ca = self.self_attn, self.cross_attn
+        pick = block_ops.compiled if use_compiled else block_ops.eager
+        q_rot, k_rot, k_raw, v = pick("attention_inputs")(
+            x, e0, self.modulation, linear_weights(sa.q), linear_weights(sa.k), linear_weights(sa.v),
+            sa.norm_q.weight, sa.norm_k.weight, cos, sin, self.num_heads, self.eps)
+        out = attend(q_rot, k_rot, k_raw, v)
+        return pick("finish_block")(
+            x, out, e0, self.modulation, linear_weights(sa.o), self.norm3.weight, self.norm3.bias,
+            linear_weights(ca.q), ca.norm_q.weight, linear_weights(ca.o), text_kv[0], text_kv[1],
+            linear_weights(self.ffn[0]), linear_weights(self.ffn[2]), self.num_heads, self.eps)
 
 
 class Head(nn.Module):
@@ -215,7 +220,7 @@ class LiveAvatarDiT(nn.Module):
                 for cache in bank.all_steps():
                     cache.write_cond(i, k_rot[:, :, layout.ref_len:], v)
                 return attention(q_rot, k_rot, v)
-            x = self.blocks[i](x, e0_zero, cos, sin, attend, text_kv[i])
+            x = self.blocks[i](x, e0_zero, cos, sin, attend, text_kv[i], use_compiled=False)
         return x
 
     # ------------------------------------------------------------------------- streaming blocks
