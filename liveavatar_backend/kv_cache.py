@@ -73,6 +73,7 @@ class StepCache:
     def __init__(self, bank: "KVCacheBank", step: int):
         self.bank = bank
         self.layout = bank.layout
+        self.step = step
         self.pair = step // 2
         self.left = step % 2 == 0 and step + 1 < bank.steps   # a lone last step uses the right side
         lay = self.layout

@@ -24,6 +24,7 @@ import torch
 from . import constants as C
 from .errors import GenerationInterrupted, InputError
 from .kv_cache import CacheLayout, KVCacheBank
+from .kv_offload import OffloadedKVCacheBank
 from .model import LiveAvatarDiT
 from .schedule import euler_step, flow_match_schedule, validate_steps
 
@@ -99,7 +100,8 @@ class BlockSampler:
     """Runs the causal loop of one generation on one device and yields clean clip latents."""
 
     def __init__(self, dit: LiveAvatarDiT, plan: GenerationPlan, cond: Conditioning, *,
-                 rolling_sink: bool = True, offset: Callable[[int, int], int] | None = None):
+                 rolling_sink: bool = True, offset: Callable[[int, int], int] | None = None,
+                 offload_caches: bool = False):
         validate_steps(plan.steps)
         self.dit, self.plan, self.cond = dit, plan, cond
         self.rolling_sink = rolling_sink
@@ -108,8 +110,9 @@ class BlockSampler:
         self.timesteps, self.sigmas = flow_match_schedule(plan.steps)
         cfg = dit.cfg
         layout = plan.layout
-        self.bank = KVCacheBank(layout, range(cfg.num_layers), plan.steps, cfg.num_heads, cfg.head_dim,
-                                dit.dtype, dit.device)
+        bank_type = OffloadedKVCacheBank if offload_caches else KVCacheBank
+        self.bank = bank_type(layout, range(cfg.num_layers), plan.steps, cfg.num_heads, cfg.head_dim,
+                              dit.dtype, dit.device)
 
     def prefill(self, ref_latent: torch.Tensor) -> None:
         self.dit.prefill_sink(ref_latent, self.cond.motion_latents, self.cond.text_kv, self.bank)

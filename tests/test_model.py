@@ -125,3 +125,26 @@ def test_paired_cache_bank_equals_naive_caches(steps):
                 out = model.denoise_block(x, t, first, 30 + block, bank, bank.step(i), text_kv, audio)
                 ref_out = model.denoise_block(x, t, first, 30 + block, naive, naive.step(i), text_kv, audio)
                 torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("steps", [3, 4])
+def test_offloaded_cache_bank_equals_resident_bank(steps):
+    from liveavatar_backend.kv_offload import OffloadedKVCacheBank
+    torch.manual_seed(0)
+    cfg = DiTConfig.tiny()
+    model = LiveAvatarDiT(cfg).eval()
+    layout = CacheLayout(4, 8)
+    text_kv = model.text_context_kv(torch.randn(5, cfg.text_dim))
+    ref, motion = torch.randn(16, 1, 8, 16), torch.randn(16, 19, 8, 16)
+    audio = model.encode_audio_block(torch.randn(cfg.audio_layers, cfg.audio_dim, 12), 73, 19)
+    args = (layout, range(cfg.num_layers), steps, cfg.num_heads, cfg.head_dim, torch.float32, "cpu")
+    resident, offloaded = KVCacheBank(*args), OffloadedKVCacheBank(*args)
+    with torch.no_grad():
+        for bank in (resident, offloaded):
+            model.prefill_sink(ref, motion, text_kv, bank)
+        for block in range(6):                       # wraps the ring
+            x = torch.randn(16, 3, 8, 16)
+            for i in range(steps):
+                outs = [model.denoise_block(x, 900.0 - 100 * i, 3 * block, 31 + block, b, b.step(i), text_kv, audio)
+                        for b in (resident, offloaded)]
+                torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)

@@ -1,0 +1,123 @@
+"""Low-VRAM caches: every step's keys/values live in pinned host memory and are streamed into a
+two-slot GPU staging area one layer at a time, overlapping the copy of layer l+1 with the compute
+of layer l (issue 4's low_vram mode).
+
+Host storage is chunked so every transfer is contiguous: per layer, one cond chunk per step pair
+and one chunk per ring slot (a block's 3 latent frames) per step. A step only ever needs its own
+ring and the cond region, so that is all that crosses the bus; new block keys/values go back to
+the host right after they are written. The GPU holds 2 layers' worth of one step's cache instead
+of every layer of every step.
+"""
+from __future__ import annotations
+
+import torch
+
+from .constants import BLOCKS_PER_CLIP
+from .kv_cache import CacheLayout, KVCacheBank, StepCache
+
+
+class OffloadedKVCacheBank(KVCacheBank):
+    """KVCacheBank whose buffers are GPU staging slots filled from pinned host chunks on demand."""
+
+    def __init__(self, layout: CacheLayout, layers: range, steps: int, num_heads: int, head_dim: int,
+                 dtype: torch.dtype, device):
+        self.layout, self.layers, self.steps = layout, layers, steps
+        self.device = torch.device(device)
+        self.pair_sizes = [min(2, steps - 2 * p) for p in range((steps + 1) // 2)]
+        pin = self.device.type == "cuda"
+
+        def host(tokens):
+            return torch.zeros(1, num_heads, tokens, head_dim, dtype=dtype, pin_memory=pin)
+
+        # host chunks: cond per (layer, pair); ring per (layer, step, slot)
+        self.host_cond = {(l, p): (host(layout.cond_len), host(layout.cond_len))
+                          for l in layers for p in range(len(self.pair_sizes))}
+        self.host_ring = {(l, s, b): (host(layout.block_tokens), host(layout.block_tokens))
+                          for l in layers for s in range(steps) for b in range(BLOCKS_PER_CLIP)}
+        widest = layout.cond_len + 2 * layout.ring_len
+        self.staging = [(torch.zeros(1, num_heads, widest, head_dim, dtype=dtype, device=device),
+                         torch.zeros(1, num_heads, widest, head_dim, dtype=dtype, device=device)) for _ in range(2)]
+        self.copy_stream = torch.cuda.Stream(self.device) if pin else None
+        self.loaded: dict[int, tuple] = {}          # slot -> (layer, step) it holds
+        self.ready: dict[int, torch.cuda.Event] = {}
+        self.sink_ref_k: dict[int, torch.Tensor] = {}
+        self.step_views = [OffloadedStepCache(self, i) for i in range(steps)]
+
+    # ------------------------------------------------------------------ staging
+    def _fill(self, slot: int, layer: int, view: "OffloadedStepCache") -> None:
+        keys, values = self.staging[slot]
+        cond_k, cond_v = self.host_cond[(layer, view.pair)]
+        where = slice(view.cond_start, view.cond_start + view.layout.cond_len)
+        keys[:, :, where].copy_(cond_k, non_blocking=True)
+        values[:, :, where].copy_(cond_v, non_blocking=True)
+        filled_blocks = view.filled // view.layout.block_tokens
+        for block in range(filled_blocks):
+            ring = view._ring_range(block * view.layout.block_tokens, view.layout.block_tokens)
+            ring_k, ring_v = self.host_ring[(layer, view.step, block)]
+            keys[:, :, ring].copy_(ring_k, non_blocking=True)
+            values[:, :, ring].copy_(ring_v, non_blocking=True)
+        self.loaded[slot] = (layer, view.step)
+
+    def _schedule(self, slot: int, layer: int, view: "OffloadedStepCache") -> None:
+        if self.copy_stream is None:
+            self._fill(slot, layer, view)
+            return
+        compute_done = torch.cuda.current_stream(self.device).record_event()
+        with torch.cuda.stream(self.copy_stream):
+            self.copy_stream.wait_event(compute_done)      # the slot's previous user has finished
+            self._fill(slot, layer, view)
+            self.ready[slot] = self.copy_stream.record_event()
+
+    def staged(self, layer: int, view: "OffloadedStepCache"):
+        """GPU buffers holding `layer` for `view`'s step; prefetches the next layer into the other slot."""
+        slot = layer % 2
+        if self.loaded.get(slot) != (layer, view.step):
+            self._schedule(slot, layer, view)
+            nxt = layer + 1
+            if nxt in self.layers:
+                self._schedule(nxt % 2, nxt, view)
+        if slot in self.ready:
+            torch.cuda.current_stream(self.device).wait_event(self.ready.pop(slot))
+        return self.staging[slot]
+
+    def write_back(self, layer: int, view: "OffloadedStepCache", block: int, k: torch.Tensor, v: torch.Tensor):
+        host_k, host_v = self.host_ring[(layer, view.step, block)]
+        if self.copy_stream is None:
+            host_k.copy_(k)
+            host_v.copy_(v)
+            return
+        written = torch.cuda.current_stream(self.device).record_event()
+        with torch.cuda.stream(self.copy_stream):
+            self.copy_stream.wait_event(written)
+            host_k.copy_(k, non_blocking=True)
+            host_v.copy_(v, non_blocking=True)
+            k.record_stream(self.copy_stream)
+            v.record_stream(self.copy_stream)
+
+    def release(self) -> None:
+        if self.copy_stream is not None:
+            self.copy_stream.synchronize()
+        self.host_cond.clear()
+        self.host_ring.clear()
+        self.staging.clear()
+        self.sink_ref_k.clear()
+
+
+class OffloadedStepCache(StepCache):
+    def _buffers(self, layer: int):
+        return self.bank.staged(layer, self)
+
+    def write_block(self, layer: int, first_frame: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        super().write_block(layer, first_frame, k, v)
+        block = self.layout.ring_slot(first_frame) // self.layout.block_tokens
+        self.bank.write_back(layer, self, block, k.contiguous(), v.contiguous())
+
+    def advance(self, first_frame: int) -> None:
+        super().advance(first_frame)
+        self.bank.loaded.clear()                 # the next pass refetches (its ring has grown)
+
+    def write_cond(self, layer: int, motion_k_rotated: torch.Tensor, v: torch.Tensor) -> None:
+        cond_k, cond_v = self.bank.host_cond[(layer, self.pair)]
+        cond_k[:, :, self.layout.ref_len:].copy_(motion_k_rotated)
+        cond_v.copy_(v)
+        self.bank.loaded.clear()                 # staged copies are stale now
