@@ -39,7 +39,7 @@ def plan_for(size: str, steps: int, clips: int) -> GenerationPlan:
     return GenerationPlan(*target_size(*PORTRAIT_HW, width * height), clips, steps, seed=0)
 
 
-def run_clips(model, plan: GenerationPlan, offload: bool = False):
+def run_clips(model, plan: GenerationPlan, offload: bool = False, graphs: bool = False):
     """Generate; returns (clean latents of every block, seconds per block, seconds to first block)."""
     cond = synthetic_conditioning(model, plan.height, plan.width)
     blocks, times = [], []
@@ -54,7 +54,7 @@ def run_clips(model, plan: GenerationPlan, offload: bool = False):
             last = now
             blocks.append(event.latents.float().cpu())
 
-    for _ in BlockSampler(model, plan, cond, offload_caches=offload).clips(on_progress=on_progress):
+    for _ in BlockSampler(model, plan, cond, offload_caches=offload, cuda_graphs=graphs).clips(on_progress=on_progress):
         pass
     return blocks, times, times[0] + (last - t0 - sum(times))
 
@@ -97,7 +97,7 @@ def main() -> None:
             convert_to_fp8(model)
             torch.cuda.empty_cache()
         compile_s = None
-        offload = "lowvram" in mode
+        offload, graphs = "lowvram" in mode, "graphs" in mode
         if "-compiled" in mode:
             block_ops.enable_compile()
         else:
@@ -110,11 +110,11 @@ def main() -> None:
             torch.cuda.set_per_process_memory_fraction(min(1.0, cap * 1e9 / total) if cap else 1.0)
             if "-compiled" in mode:
                 t = time.perf_counter()
-                run_clips(model, plan_for(size, steps, 1), offload)   # warm-up: compiles for these shapes
+                run_clips(model, plan_for(size, steps, 2), offload, graphs)   # warm-up: compiles for these shapes
                 compile_s = time.perf_counter() - t
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-            blocks, times, ttff = run_clips(model, plan, offload)
+            blocks, times, ttff = run_clips(model, plan, offload, graphs)
             if args.profile:
                 profile_clip(model, plan_for(size, steps, 1), offload, Path(args.out) / f"profile-{mode}-{size.replace('*', 'x')}.txt")
             steady = sorted(times[C.BLOCKS_PER_CLIP:] or times)

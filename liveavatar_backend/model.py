@@ -216,7 +216,11 @@ class LiveAvatarDiT(nn.Module):
         _, e0_zero = self.time_modulation(0.0)
         for i in layers:
             def attend(q_rot, k_rot, k_raw, v, i=i):
-                bank.sink_ref_k[i] = k_raw[:, :, : layout.ref_len].contiguous()
+                ref_k = k_raw[:, :, : layout.ref_len]
+                if i in bank.sink_ref_k:      # refill in place: captured CUDA graphs keep pointing at it
+                    bank.sink_ref_k[i].copy_(ref_k)
+                else:
+                    bank.sink_ref_k[i] = ref_k.contiguous()
                 for cache in bank.all_steps():
                     cache.write_cond(i, k_rot[:, :, layout.ref_len:], v)
                 return attention(q_rot, k_rot, v)
@@ -231,16 +235,22 @@ class LiveAvatarDiT(nn.Module):
         x = self.patch_embedding(latents.to(self.device, self.dtype).unsqueeze(0)).flatten(2).transpose(1, 2)
         return x + self.cond_encoder.bias.to(self.dtype) + self.trainable_cond_mask.weight[ROLE_NOISY].to(self.dtype)
 
-    def run_layers(self, x, layers: range, t: float, first_frame: int, reference_frame: int,
-                   bank: KVCacheBank, cache: StepCache, text_kv, audio) -> torch.Tensor:
-        """Streaming pass of noisy tokens through `layers`, reading/writing `cache` (one step's)."""
-        layout = bank.layout
+    def rope_tables(self, first_frame: int, frames: int, reference_frame: int, layout: CacheLayout):
+        """(cos, sin) of the noisy tokens and (cos, sin) of the re-rotated reference keys."""
+        noisy = rope.rope_cos_sin(rope.noisy_positions(first_frame, frames, layout.h, layout.w),
+                                  self.cfg.head_dim, self.cfg.rope_theta, self.device)
+        ref = rope.rope_cos_sin(rope.reference_positions(reference_frame, layout.h, layout.w),
+                                self.cfg.head_dim, self.cfg.rope_theta, self.device)
+        return (*noisy, *ref)
+
+    def run_layers(self, x, layers: range, t: float, first_frame: int, tables, bank: KVCacheBank,
+                   cache: StepCache, text_kv, audio) -> torch.Tensor:
+        """Streaming pass of noisy tokens through `layers`, reading/writing `cache` (one step's).
+
+        Pure GPU work (no host transfers), so a whole pass can be captured in a CUDA graph;
+        `tables` come from `rope_tables`."""
         _, e0 = self.time_modulation(t)
-        frames = x.shape[1] // layout.frame_tokens
-        cos, sin = rope.rope_cos_sin(rope.noisy_positions(first_frame, frames, layout.h, layout.w),
-                                     self.cfg.head_dim, self.cfg.rope_theta, self.device)
-        ref_cos, ref_sin = rope.rope_cos_sin(rope.reference_positions(reference_frame, layout.h, layout.w),
-                                             self.cfg.head_dim, self.cfg.rope_theta, self.device)
+        cos, sin, ref_cos, ref_sin = tables
         audio_tokens, audio_global = audio
         for i in layers:
             def attend(q_rot, k_rot, k_raw, v, i=i):
@@ -268,7 +278,7 @@ class LiveAvatarDiT(nn.Module):
                       bank: KVCacheBank, cache: StepCache, text_kv, audio) -> torch.Tensor:
         """One denoising step of one block on one device: returns the velocity [C, 3, H8, W8]."""
         x = self.embed_noisy(latents)
-        x = self.run_layers(x, range(self.cfg.num_layers), t, first_frame, reference_frame,
-                            bank, cache, text_kv, audio)
+        tables = self.rope_tables(first_frame, latents.shape[1], reference_frame, bank.layout)
+        x = self.run_layers(x, range(self.cfg.num_layers), t, first_frame, tables, bank, cache, text_kv, audio)
         cache.advance(first_frame)
         return self.unembed(x, t, bank.layout)

@@ -24,6 +24,7 @@ import torch
 from . import constants as C
 from .errors import GenerationInterrupted, InputError
 from .kv_cache import CacheLayout, KVCacheBank
+from .cuda_graphs import StepGraphs
 from .kv_offload import OffloadedKVCacheBank
 from .model import LiveAvatarDiT
 from .schedule import euler_step, flow_match_schedule, validate_steps
@@ -101,7 +102,7 @@ class BlockSampler:
 
     def __init__(self, dit: LiveAvatarDiT, plan: GenerationPlan, cond: Conditioning, *,
                  rolling_sink: bool = True, offset: Callable[[int, int], int] | None = None,
-                 offload_caches: bool = False):
+                 offload_caches: bool = False, cuda_graphs: bool = False):
         validate_steps(plan.steps)
         self.dit, self.plan, self.cond = dit, plan, cond
         self.rolling_sink = rolling_sink
@@ -113,6 +114,8 @@ class BlockSampler:
         bank_type = OffloadedKVCacheBank if offload_caches else KVCacheBank
         self.bank = bank_type(layout, range(cfg.num_layers), plan.steps, cfg.num_heads, cfg.head_dim,
                               dit.dtype, dit.device)
+        use_graphs = cuda_graphs and dit.device.type == "cuda" and not offload_caches
+        self.graphs = StepGraphs(dit, self.bank, cond.text_kv) if use_graphs else None
 
     def prefill(self, ref_latent: torch.Tensor) -> None:
         self.dit.prefill_sink(ref_latent, self.cond.motion_latents, self.cond.text_kv, self.bank)
@@ -120,8 +123,13 @@ class BlockSampler:
     def denoise_block(self, x: torch.Tensor, audio, first_frame: int, on_step) -> torch.Tensor:
         for i in range(self.plan.steps):
             t = float(self.timesteps[i])
-            velocity = self.dit.denoise_block(x, t, first_frame, reference_frame(first_frame, self.offset(first_frame, i)),
-                                              self.bank, self.bank.step(i), self.cond.text_kv, audio)
+            ref_frame = reference_frame(first_frame, self.offset(first_frame, i))
+            if self.graphs is not None and self.graphs.ready(i):
+                velocity = self.graphs.velocity(x, t, first_frame, ref_frame, i, audio)
+                self.bank.step(i).advance(first_frame)
+            else:
+                velocity = self.dit.denoise_block(x, t, first_frame, ref_frame, self.bank, self.bank.step(i),
+                                                  self.cond.text_kv, audio)
             x = euler_step(x, velocity, float(self.sigmas[i]), float(self.sigmas[i + 1]))
             on_step(i)
         return x
@@ -165,6 +173,7 @@ class BlockSampler:
 
     def release(self) -> None:
         """Drop the caches (the bulk of generation memory)."""
+        self.graphs = None
         self.bank.release()
 
 

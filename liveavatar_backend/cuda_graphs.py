@@ -1,0 +1,61 @@
+"""CUDA graphs of whole denoising steps (issue 4: the 384*256 preview is CPU-launch-bound).
+
+Once a step's ring is full (from clip 1 on), every call of that step with the same ring slot has
+identical shapes and buffer addresses, so the pass embed → 40 layers → head is captured once per
+(step, ring slot) and replayed: one launch instead of ~2,000. Inputs that change (latents, RoPE
+tables, audio tokens) are copied into static buffers before each replay. All graphs share one
+memory pool: they run one after another.
+"""
+from __future__ import annotations
+
+import torch
+
+from .kv_cache import KVCacheBank
+from .model import LiveAvatarDiT
+
+
+class StepGraphs:
+    def __init__(self, dit: LiveAvatarDiT, bank: KVCacheBank, text_kv):
+        self.dit, self.bank, self.text_kv = dit, bank, text_kv
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.pool = torch.cuda.graph_pool_handle()
+        self.static: dict[str, torch.Tensor] = {}
+
+    def ready(self, step: int) -> bool:
+        """Graphs only apply once the step's ring is full (constant attention length)."""
+        return self.bank.step(step).filled == self.bank.layout.ring_len
+
+    def _stage(self, name: str, value: torch.Tensor) -> torch.Tensor:
+        if name not in self.static:
+            self.static[name] = torch.empty_like(value)
+        self.static[name].copy_(value, non_blocking=True)
+        return self.static[name]
+
+    def _forward(self, t: float, first_frame: int, step: int) -> torch.Tensor:
+        s = self.static
+        x = self.dit.embed_noisy(s["latents"])
+        tables = (s["cos"], s["sin"], s["ref_cos"], s["ref_sin"])
+        x = self.dit.run_layers(x, range(self.dit.cfg.num_layers), t, first_frame, tables, self.bank,
+                                self.bank.step(step), self.text_kv, (s["audio_tokens"], s["audio_global"]))
+        return self.dit.unembed(x, t, self.bank.layout)
+
+    def velocity(self, latents, t: float, first_frame: int, reference_frame: int, step: int, audio) -> torch.Tensor:
+        """Same result as `dit.denoise_block` (without advancing the cache), through a graph."""
+        tables = self.dit.rope_tables(first_frame, latents.shape[1], reference_frame, self.bank.layout)
+        for name, value in zip(("latents", "cos", "sin", "ref_cos", "ref_sin", "audio_tokens", "audio_global"),
+                               (latents, *tables, *audio)):
+            self._stage(name, value)
+        key = (step, self.bank.layout.ring_slot(first_frame))
+        if key not in self.graphs:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):                 # warm-up outside capture (lazy inits)
+                self._forward(t, first_frame, step)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                out = self._forward(t, first_frame, step)
+            self.graphs[key] = (graph, out)
+        graph, out = self.graphs[key]
+        graph.replay()
+        return out.clone()
