@@ -23,3 +23,4 @@ SIZE_DIVISOR = 64                 # §3.1: H and W are multiples of 64 (FramePac
 
 REFERENCE_ROPE_FRAME = 30         # §2.4: the reference (sink) frame sits at temporal position 30
 SINK_OFFSET_RANGE = (4, 30)       # §2.4: official code draws random.randint(4, 30) per forward call
+WARM_UP_LATENTS = 7                # spec §3.7: the TPP decoder primes its caches with motion_latents[:, :, :7]

@@ -1,0 +1,181 @@
+"""Loading every component once and running a whole generation: the API the CLI and the ComfyUI
+nodes share.
+
+    engine = LiveAvatarEngine.load(ModelSpec.from_folder(ckpt_dir, lora=lora_path), device="cuda")
+    job = engine.prepare(portrait, audio_16k, prompt, size="384*256", num_clips=0, steps=4, seed=420)
+    for clip_latents in engine.sample(job):
+        frames = job.decoder.decode(clip_latents)   # [F, H, W, 3] in [0, 1]
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+
+from . import block_ops
+from . import constants as C
+from .audio import AudioFeatureExtractor
+from .errors import CheckpointError, InputError
+from .fp8 import convert_to_fp8
+from .image import preprocess_portrait
+from .lora import merge_lora, read_lora
+from .loading import load_dit
+from .memory_modes import memory_mode as memory_mode_by_name
+from .pipeline import BlockSampler, Conditioning, GenerationPlan, ProgressEvent, plan_generation
+from .sizes import parse_size
+from .text import TextEncoder
+from .vae import WanVAE
+
+log = logging.getLogger("liveavatar")
+
+# file and folder names of the published Wan2.2-S2V-14B repository (spec §1.1)
+T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
+TOKENIZER_DIR = "google/umt5-xxl"
+VAE_FILE = "Wan2.1_VAE.pth"
+WAV2VEC_DIR = "wav2vec2-large-xlsr-53-english"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """Where every component comes from, and how to hold it."""
+    dit: Path                       # Wan2.2-S2V-14B folder, or a single DiT safetensors file
+    text_encoder: Path
+    tokenizer: Path | None          # None: read from a ComfyUI text-encoder file (spiece_model key)
+    vae: Path
+    audio_encoder: Path             # wav2vec2 folder or single file
+    lora: Path | None = None
+    lora_scale: float | None = None  # None: 0.5 (α/r of the official config) or the file's alpha
+
+    @classmethod
+    def from_folder(cls, folder: str | Path, **overrides) -> "ModelSpec":
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise InputError(f"checkpoint folder {folder} does not exist; download Wan-AI/Wan2.2-S2V-14B into it")
+        paths = dict(dit=folder, text_encoder=folder / T5_FILE, tokenizer=folder / TOKENIZER_DIR,
+                     vae=folder / VAE_FILE, audio_encoder=folder / WAV2VEC_DIR)
+        paths.update({k: Path(v) if isinstance(v, (str, Path)) else v for k, v in overrides.items()})
+        return cls(**paths)
+
+    @classmethod
+    def single_files(cls, dit: str | Path, *, text_encoder, vae, audio_encoder, lora=None,
+                     tokenizer=None) -> "ModelSpec":
+        """ComfyUI's repackaged files; the umT5 tokenizer then comes from the text-encoder file."""
+        return cls(dit=Path(dit), text_encoder=Path(text_encoder), tokenizer=tokenizer and Path(tokenizer),
+                   vae=Path(vae), audio_encoder=Path(audio_encoder), lora=lora and Path(lora))
+
+    def check_files(self) -> None:
+        for name in ("dit", "text_encoder", "tokenizer", "vae", "audio_encoder"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).exists():
+                raise CheckpointError(f"{path}: not found ({name.replace('_', ' ')}); see README 'Model files'")
+        if self.lora is not None and not Path(self.lora).exists():
+            raise CheckpointError(f"{self.lora}: LoRA file not found; download Quark-Vision/Live-Avatar "
+                                  "liveavatar.safetensors")
+
+
+@dataclasses.dataclass
+class Job:
+    """One prepared generation: its plan, its conditioning, and the latents that prime the decoder."""
+    plan: GenerationPlan
+    cond: Conditioning
+    decoder_warm_up: torch.Tensor       # [1, 16, 7, H8, W8] static portrait latents (spec §3.7)
+
+
+class ClipDecoder:
+    """Streams clip latents through the VAE, dropping the first 3 frames of the video (spec §3.7).
+
+    The causal conv caches are primed with the static motion latents first (the official TPP
+    path), so memory stays bounded however long the video is."""
+
+    def __init__(self, vae: WanVAE, warm_up_latents: torch.Tensor):
+        self.stream = vae.stream_decoder()
+        self.stream.warm_up(warm_up_latents)
+        self.frames_out = 0
+
+    def decode(self, clip_latents: torch.Tensor) -> torch.Tensor:
+        """[16, 12, H8, W8] -> frames [F, H, W, 3] float in [0, 1] on the CPU."""
+        video = self.stream.decode(clip_latents.unsqueeze(0))          # [1, 3, T, H, W] in [-1, 1]
+        frames = ((video[0].float().clamp(-1, 1) + 1) / 2).permute(1, 2, 3, 0).cpu()
+        if self.frames_out == 0:
+            frames = frames[C.DROPPED_LEADING_FRAMES:]
+        self.frames_out += frames.shape[0]
+        return frames
+
+
+class LiveAvatarEngine:
+    def __init__(self, dit, text_encoder, vae, audio_features, device, dtype, spec: ModelSpec, mode):
+        self.dit, self.text_encoder, self.vae, self.audio_features = dit, text_encoder, vae, audio_features
+        self.device, self.dtype, self.spec, self.mode = torch.device(device), dtype, spec, mode
+
+    @classmethod
+    def load(cls, spec: ModelSpec, device: str = "cuda", *, memory_mode: str = "quality",
+             report: Callable[[str], None] = log.info) -> "LiveAvatarEngine":
+        """Load and check every component; the LoRA is merged before any FP8 conversion.
+
+        On the GPU the DiT runs in bf16 (FP8 linears in 'balanced'/'low_vram'); on the CPU in float32.
+        The text and audio encoders run once per prompt, so they stay on the CPU unless the
+        device is a GPU and the mode is 'quality'."""
+        spec.check_files()
+        mode = memory_mode_by_name(memory_mode)
+        on_gpu = torch.device(device).type == "cuda"
+        dtype = torch.bfloat16 if on_gpu else torch.float32
+        report(f"loading DiT from {spec.dit}")
+        dit = load_dit(spec.dit, device=device, dtype=dtype)
+        if spec.lora is not None:
+            report(f"merging LoRA {spec.lora}")
+            merge_lora(dit, read_lora(spec.lora), scale=spec.lora_scale, path_for_errors=spec.lora)
+        if mode.fp8_weights:
+            convert_to_fp8(dit, out_dtype=dtype)
+        report("loading text encoder, VAE and audio encoder")
+        encoder_device = device if on_gpu and not mode.offload_caches else "cpu"
+        text = TextEncoder.load(spec.text_encoder, spec.tokenizer, encoder_device, dtype)
+        vae = WanVAE.load(spec.vae, device, dtype)
+        audio = AudioFeatureExtractor.load(spec.audio_encoder, encoder_device, torch.float32)
+        if on_gpu:
+            block_ops.enable_compile()        # one graph per function for all layers (PERFORMANCE.md)
+        return cls(dit, text, vae, audio, device, dtype, spec, mode)
+
+    # ------------------------------------------------------------------------------- preparing
+    def prepare(self, portrait, audio_16k: torch.Tensor, prompt: str, *, size: str, num_clips: int,
+                steps: int, seed: int) -> Job:
+        """Plan the run and compute everything that is fixed for it (text, portrait latents, audio)."""
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise InputError("prompt is empty; describe the scene (who, where, style) in a sentence")
+        if audio_16k.dim() != 1 or audio_16k.numel() < C.AUDIO_SAMPLE_RATE // C.VIDEO_FPS:
+            raise InputError("audio is empty or shorter than one video frame; give at least 0.1 s of speech")
+        width, height = parse_size(size)
+        image_h, image_w = _image_hw(portrait)
+        features = self.audio_features.windows(audio_16k)    # (first frame, count) -> [L, C, count]
+        plan = plan_generation(image_height=image_h, image_width=image_w, area=width * height,
+                               audio_frames=features.audio_frames_30hz(), max_clips=num_clips, steps=steps, seed=seed)
+        pixels = preprocess_portrait(portrait, plan.height, plan.width).to(self.device)   # [3, H, W]
+        with torch.no_grad():
+            ref = self.vae.encode(pixels[None, :, None])[0]                                # [16, 1, h, w]
+            motion = self.vae.encode(pixels[None, :, None].expand(-1, -1, C.MOTION_FRAMES, -1, -1))[0]
+            motion = motion[:, -C.MOTION_LATENTS:]
+            text_kv = self.dit.text_context_kv(self.text_encoder.encode(prompt))
+        cond = Conditioning(ref.to(self.dtype), motion.to(self.dtype), text_kv,
+                            lambda first, count: features(first, count).to(self.device))
+        return Job(plan, cond, motion[:, : C.WARM_UP_LATENTS][None])
+
+    def decoder(self, warm_up: torch.Tensor) -> ClipDecoder:
+        """A fresh streaming decoder for one video, primed with the job's warm-up latents."""
+        return ClipDecoder(self.vae, warm_up.to(self.device))
+
+    def sample(self, job: Job, on_progress: Callable[[ProgressEvent], None] | None = None,
+               should_stop: Callable[[], bool] | None = None) -> Iterator[torch.Tensor]:
+        """Clean latents [16, 12, H8, W8] of each clip, on the CPU, as they are finished."""
+        on_gpu = self.device.type == "cuda"
+        sampler = BlockSampler(self.dit, job.plan, job.cond, offload_caches=self.mode.offload_caches and on_gpu,
+                               cuda_graphs=on_gpu and not self.mode.offload_caches)
+        for clip in sampler.clips(on_progress=on_progress, should_stop=should_stop):
+            yield clip.cpu()
+
+
+def _image_hw(portrait) -> tuple[int, int]:
+    if isinstance(portrait, torch.Tensor):
+        return int(portrait.shape[-3]), int(portrait.shape[-2])
+    return portrait.height, portrait.width

@@ -1,0 +1,121 @@
+"""End to end on the tiny checkpoints: the command line writes an mp4 with the right frames, fps
+and audio; the same seed gives the same frames; bad inputs fail with clear errors."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from liveavatar_backend.audio import AudioFeatureExtractor, load_audio, to_16k_mono
+from liveavatar_backend.errors import CheckpointError, InputError
+from liveavatar_backend.fixtures import make_tiny_checkpoints
+from liveavatar_backend.video import probe_mp4
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT.parent / "shared" / "examples"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny_checkpoints(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def engine(tiny):
+    from liveavatar_backend.engine import LiveAvatarEngine, ModelSpec
+    spec = ModelSpec.from_folder(tiny / "Wan2.2-S2V-14B", lora=tiny / "liveavatar.safetensors")
+    return LiveAvatarEngine.load(spec, device="cpu")
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "liveavatar_backend", *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
+
+
+def test_cli_generates_mp4_with_audio(tiny, tmp_path):
+    if not EXAMPLES.exists():
+        pytest.skip("../shared/examples not present")
+    out = tmp_path / "out.mp4"
+    run = _cli("generate", "--ckpt-dir", tiny / "Wan2.2-S2V-14B", "--lora", tiny / "liveavatar.safetensors",
+               "--image", EXAMPLES / "dwarven_blacksmith.jpg", "--audio", EXAMPLES / "dwarven_blacksmith.wav",
+               "--prompt", "A dwarf talks in his forge.", "--size", "384x256", "--num-clip", "1",
+               "--steps", "2", "--seed", "3", "--device", "cpu", "--out", out)
+    assert run.returncode == 0, run.stderr[-2000:]
+    info = probe_mp4(out)
+    assert (info["frames"], info["fps"], info["has_audio"]) == (48 * 1 - 3, 25.0, True)
+    assert (info["width"], info["height"]) == (384, 256)          # 720×400 portrait, area 384*256
+
+
+def test_same_seed_same_latents_and_other_seed_differs(engine):
+    portrait = torch.rand(400, 720, 3)
+    voice = torch.randn(16000 * 2) * 0.1
+    runs = []
+    for seed in (5, 5, 6):
+        job = engine.prepare(portrait, voice, "a person", size="384*256", num_clips=1, steps=2, seed=seed)
+        runs.append(next(engine.sample(job)))
+    assert torch.equal(runs[0], runs[1])
+    assert not torch.allclose(runs[0], runs[2])
+
+
+def test_bad_inputs_fail_clearly(engine, tiny, tmp_path):
+    portrait, voice = torch.rand(400, 720, 3), torch.randn(16000) * 0.1
+    with pytest.raises(InputError, match="size"):
+        engine.prepare(portrait, voice, "a person", size="384-256", num_clips=1, steps=2, seed=0)
+    with pytest.raises(InputError, match="steps"):
+        engine.prepare(portrait, voice, "a person", size="384*256", num_clips=1, steps=5, seed=0)
+    with pytest.raises(InputError, match="prompt"):
+        engine.prepare(portrait, voice, "  ", size="384*256", num_clips=1, steps=2, seed=0)
+    with pytest.raises(InputError, match="audio"):
+        engine.prepare(portrait, torch.zeros(10), "a person", size="384*256", num_clips=1, steps=2, seed=0)
+    corrupt = tmp_path / "voice.wav"
+    corrupt.write_bytes(b"RIFF\x00\x00\x00\x00WAVEfmt garbage")
+    with pytest.raises(InputError, match="voice.wav"):
+        load_audio(corrupt)
+    run = _cli("generate", "--ckpt-dir", tmp_path, "--image", EXAMPLES / "boy.jpg", "--audio", corrupt,
+               "--prompt", "x", "--device", "cpu", "--out", tmp_path / "o.mp4")
+    assert run.returncode == 2 and "voice.wav" in run.stderr and not (tmp_path / "o.mp4").exists()
+
+
+def test_model_files_that_do_not_match_fail_loudly(tiny, tmp_path):
+    from liveavatar_backend.loading import load_dit
+    folder = tiny / "Wan2.2-S2V-14B"
+    shard = folder / "diffusion_pytorch_model-00002-of-00004.safetensors"
+    broken = tmp_path / "Wan2.2-S2V-14B"
+    broken.mkdir()
+    for f in folder.iterdir():
+        if f.is_file() and f != shard:
+            (broken / f.name).symlink_to(f)
+    with pytest.raises(CheckpointError, match="00002-of-00004.*missing"):
+        load_dit(broken, dtype=torch.float32)
+    (broken / shard.name).write_bytes(shard.read_bytes()[:1000])          # truncated
+    with pytest.raises(CheckpointError, match="00002-of-00004"):
+        load_dit(broken, dtype=torch.float32)
+
+
+def test_audio_decoding_resamples_any_format(tmp_path):
+    import av
+    import numpy as np
+    for codec, ext, rate in (("flac", "flac", 44100), ("libmp3lame", "mp3", 48000)):
+        path = tmp_path / f"tone.{ext}"
+        with av.open(str(path), "w") as out:
+            stream = out.add_stream(codec, rate=rate, layout="stereo")
+            tone = (0.3 * np.sin(np.arange(rate) * 2 * np.pi * 440 / rate)).astype(np.float32)
+            frame = av.AudioFrame.from_ndarray(np.stack([tone, tone]), format="fltp", layout="stereo")
+            frame.sample_rate = rate
+            for packet in stream.encode(frame):
+                out.mux(packet)
+            for packet in stream.encode(None):
+                out.mux(packet)
+        wave, got = load_audio(path)
+        voice = to_16k_mono(wave, got)
+        assert got == rate and abs(voice.numel() / 16000 - 1.0) < 0.1 and voice.abs().max() > 0.2
+
+
+def test_wav2vec2_folder_and_comfy_file_agree(tiny):
+    folder = AudioFeatureExtractor.load(tiny / "Wan2.2-S2V-14B" / "wav2vec2-large-xlsr-53-english")
+    single = AudioFeatureExtractor.load(tiny / "comfyui" / "audio_encoders" / "wav2vec2_large_english_fp16.safetensors")
+    voice = torch.randn(16000 * 3) * 0.1
+    a, b = folder.extract(voice), single.extract(voice)
+    assert a.shape == b.shape == (3, 32, 75)
+    assert (a - b).norm() / a.norm() < 1e-2                                 # fp16 storage of the ComfyUI file
