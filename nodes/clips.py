@@ -1,0 +1,86 @@
+"""How generated clips travel between nodes: a core LATENT dict with the extra data decoding needs.
+
+    {"samples": [1, 16, 12·N, H/8, W/8] float32,          # ComfyUI's Wan video-latent layout
+     "liveavatar": {"fps", "num_frames", "audio", "warm_up", "height", "width", "num_clips"}}
+
+Long renders: when the latents of the whole run would exceed IN_MEMORY_LIMIT_BYTES, `samples` is a
+file-backed tensor in ComfyUI's temp folder, so the OS pages it out instead of holding hours of
+latents in RAM.
+"""
+from __future__ import annotations
+
+import os
+import uuid
+
+import torch
+from PIL import Image
+
+import comfy.latent_formats
+import folder_paths
+
+from ..liveavatar_backend import constants as C
+from ..liveavatar_backend.audio import to_16k_mono
+
+IN_MEMORY_LIMIT_BYTES = 1 << 30
+_WAN_RGB = comfy.latent_formats.Wan21()      # core's latent→RGB preview factors for Wan 2.1 latents
+
+
+def audio_to_16k_mono(audio: dict) -> torch.Tensor:
+    """Core AUDIO {"waveform": [B, C, T], "sample_rate"} -> mono 16 kHz float32 [T]."""
+    if not isinstance(audio, dict) or "waveform" not in audio or "sample_rate" not in audio:
+        raise ValueError("audio: expected a core AUDIO input (from Load Audio or LiveAvatar Load Audio 16k)")
+    waveform = audio["waveform"]
+    return to_16k_mono(waveform[0].float().mean(dim=0), int(audio["sample_rate"]))
+
+
+def latent_preview(latents: torch.Tensor) -> Image.Image:
+    """Last latent frame [16, F, h, w] -> a small RGB preview through core's linear factors."""
+    frame = latents[:, -1].float().cpu()
+    factors = torch.tensor(_WAN_RGB.latent_rgb_factors)              # [16, 3]
+    bias = torch.tensor(_WAN_RGB.latent_rgb_factors_bias)
+    rgb = torch.einsum("chw,cr->hwr", frame, factors) + bias
+    rgb = ((rgb.clamp(-1, 1) + 1) * 127.5).to(torch.uint8).numpy()
+    return Image.fromarray(rgb)
+
+
+class ClipLatents:
+    """Collects clip latents into the LATENT `samples` tensor as they arrive."""
+
+    def __init__(self, job):
+        plan = job.plan
+        shape = (1, 16, C.LATENTS_PER_CLIP * plan.num_clips, plan.height // 8, plan.width // 8)
+        numel = 1
+        for n in shape:
+            numel *= n
+        if numel * 4 > IN_MEMORY_LIMIT_BYTES:
+            path = os.path.join(folder_paths.get_temp_directory(), f"liveavatar_latents_{uuid.uuid4().hex}.bin")
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            self.samples = torch.from_file(path, shared=True, size=numel, dtype=torch.float32).view(shape)
+        else:
+            self.samples = torch.zeros(shape)
+        self.job = job
+        self.count = 0
+
+    def append(self, clip: torch.Tensor) -> None:
+        start = C.LATENTS_PER_CLIP * self.count
+        self.samples[0, :, start: start + C.LATENTS_PER_CLIP] = clip.float()
+        self.count += 1
+
+    def as_latent(self, voice_16k: torch.Tensor) -> dict:
+        plan = self.job.plan
+        return {"samples": self.samples,
+                "liveavatar": {"fps": float(C.VIDEO_FPS), "num_frames": plan.num_frames, "num_clips": plan.num_clips,
+                               "height": plan.height, "width": plan.width,
+                               "audio": {"waveform": voice_16k[None, None].float(), "sample_rate": C.AUDIO_SAMPLE_RATE},
+                               "warm_up": self.job.decoder_warm_up.cpu()}}
+
+
+def clips_of(latent: dict):
+    """Yields each clip [16, 12, h, w] of a LiveAvatar LATENT, checking it came from the sampler."""
+    info = latent.get("liveavatar") if isinstance(latent, dict) else None
+    if info is None:
+        raise ValueError("clips: this LATENT does not come from LiveAvatarSampler (it lacks the clip "
+                         "information); connect the sampler's 'clips' output")
+    samples = latent["samples"][0]
+    for clip in range(info["num_clips"]):
+        yield samples[:, C.LATENTS_PER_CLIP * clip: C.LATENTS_PER_CLIP * (clip + 1)]

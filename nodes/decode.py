@@ -1,0 +1,102 @@
+"""Decoding clips: to IMAGE frames (LiveAvatarVAEDecodeClips), or straight to an mp4 with the voice
+muxed in, clip by clip, for renders too long to hold as frames (LiveAvatarSaveVideo)."""
+from __future__ import annotations
+
+import os
+
+import torch
+from comfy_api.input_impl import VideoFromFile
+from comfy_api.latest import io, ui
+
+import comfy.model_management as mm
+import comfy.utils
+import folder_paths
+
+from ..liveavatar_backend.video import Mp4Writer
+from .clips import clips_of
+from .loader import LiveAvatarModel
+from .upscale import METHODS, even, resize_frames
+
+
+class LiveAvatarVAEDecodeClips(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LiveAvatarVAEDecodeClips",
+            display_name="Live Avatar VAE Decode Clips",
+            category="LiveAvatar",
+            description="Decodes the sampler's clips one at a time with the streaming Wan VAE into frames "
+                        "(48·N − 3 frames at 25 fps), and passes the voice and fps on for Create Video.",
+            inputs=[
+                LiveAvatarModel.Input("model", tooltip="From Live Avatar Model Loader (its VAE is used)."),
+                io.Latent.Input("clips", tooltip="From Live Avatar Sampler."),
+            ],
+            outputs=[io.Image.Output(display_name="images"), io.Audio.Output(display_name="audio"),
+                     io.Float.Output(display_name="fps")],
+        )
+
+    @classmethod
+    def execute(cls, model, clips) -> io.NodeOutput:
+        info = clips.get("liveavatar", {}) if isinstance(clips, dict) else {}
+        decoder = model.decoder(info.get("warm_up")) if info else None
+        frames = None
+        written = 0
+        bar = comfy.utils.ProgressBar(max(1, info.get("num_clips", 1)))
+        for index, clip in enumerate(clips_of(clips)):
+            mm.throw_exception_if_processing_interrupted()
+            chunk = decoder.decode(clip)
+            if frames is None:
+                frames = torch.empty(info["num_frames"], *chunk.shape[1:])
+            frames[written: written + chunk.shape[0]] = chunk
+            written += chunk.shape[0]
+            bar.update_absolute(index + 1)
+        return io.NodeOutput(frames[:written], info["audio"], info["fps"])
+
+
+class LiveAvatarSaveVideo(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LiveAvatarSaveVideo",
+            display_name="Live Avatar Decode + Save Video",
+            category="LiveAvatar",
+            description="Decodes clip by clip and writes an H.264 mp4 with the voice (AAC) directly, never "
+                        "holding all frames: use it for long renders. Optional resize on the way.",
+            inputs=[
+                LiveAvatarModel.Input("model", tooltip="From Live Avatar Model Loader (its VAE is used)."),
+                io.Latent.Input("clips", tooltip="From Live Avatar Sampler."),
+                io.String.Input("filename_prefix", default="video/LiveAvatar",
+                                tooltip="Output path prefix inside ComfyUI's output folder."),
+                io.Float.Input("scale", default=1.0, min=0.25, max=8.0, step=0.05,
+                               tooltip="Resize factor applied to each clip before writing (1.0 = none)."),
+                io.Combo.Input("method", options=METHODS, default="bicubic", tooltip="Resampling filter for 'scale'."),
+                io.Int.Input("crf", default=19, min=0, max=51,
+                             tooltip="H.264 quality: lower is better and bigger (19 ≈ visually lossless)."),
+            ],
+            outputs=[io.Video.Output(display_name="video")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, model, clips, filename_prefix, scale, method, crf) -> io.NodeOutput:
+        info = clips.get("liveavatar") if isinstance(clips, dict) else None
+        clip_iter = clips_of(clips)                       # validates the input before anything is written
+        height, width = even(info["height"] * scale), even(info["width"] * scale)
+        folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(
+            filename_prefix, folder_paths.get_output_directory(), width, height)
+        filename = f"{name}_{counter:05}_.mp4"
+        path = os.path.join(folder, filename)
+        audio = info["audio"]
+        decoder = model.decoder(info["warm_up"])
+        bar = comfy.utils.ProgressBar(info["num_clips"])
+        with Mp4Writer(path, width, height, fps=info["fps"],
+                       audio=(audio["waveform"][0, 0], audio["sample_rate"]), crf=crf) as writer:
+            for index, clip in enumerate(clip_iter):
+                mm.throw_exception_if_processing_interrupted()
+                frames = decoder.decode(clip)
+                if frames.shape[1:3] != (height, width):
+                    frames = resize_frames(frames, height, width, method)
+                writer.write(frames)
+                bar.update_absolute(index + 1)
+        saved = ui.SavedResult(filename, subfolder, io.FolderType.output)
+        return io.NodeOutput(VideoFromFile(path), ui=ui.PreviewVideo([saved]))

@@ -1,0 +1,92 @@
+"""LiveAvatarModelLoader: every model file of Live Avatar, loaded once and reused across prompts."""
+from __future__ import annotations
+
+import gc
+import logging
+
+import torch
+from comfy_api.latest import io
+
+import comfy.model_management as mm
+
+from ..liveavatar_backend.engine import LiveAvatarEngine, ModelSpec
+from ..liveavatar_backend.memory_modes import MEMORY_MODES
+from . import paths
+
+log = logging.getLogger("liveavatar")
+LiveAvatarModel = io.Custom("LIVEAVATAR_MODEL")
+
+_loaded: dict = {"key": None, "engine": None}   # one model set at a time; 14B does not fit twice
+
+
+def _unload() -> None:
+    _loaded["key"] = _loaded["engine"] = None
+    gc.collect()
+    mm.soft_empty_cache()
+
+
+def _device(devices: str) -> str:
+    if devices.strip() in ("", "auto"):
+        return str(mm.get_torch_device())
+    return devices.strip()
+
+
+class LiveAvatarModelLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LiveAvatarModelLoader",
+            display_name="Live Avatar Model Loader",
+            category="LiveAvatar",
+            description="Loads Wan2.2-S2V-14B with the Live Avatar LoRA merged, plus its text encoder, VAE "
+                        "and audio encoder. Loaded once; changing any setting reloads.",
+            inputs=[
+                io.Combo.Input("checkpoint", options=paths.checkpoint_choices(),
+                               tooltip="The Wan2.2-S2V-14B folder in models/liveavatar/, or a repackaged "
+                                       "wan2.2_s2v_14B file in models/diffusion_models/."),
+                io.Combo.Input("lora", options=paths.lora_choices(), default="liveavatar.safetensors",
+                               tooltip="The Live Avatar LoRA (liveavatar.safetensors, 4-step distilled). "
+                                       "Without it the model is the plain Wan2.2-S2V and needs many steps."),
+                io.Combo.Input("memory_mode", options=list(MEMORY_MODES), default="quality",
+                               tooltip="quality: bf16 weights; balanced: FP8 weights (slight quality change, "
+                                       "half the VRAM); low_vram: FP8 + attention caches in host memory. "
+                                       "See the README for the VRAM each needs."),
+                io.String.Input("devices", default="auto",
+                                tooltip="'auto' (ComfyUI's device), 'cpu', 'cuda:0', or several GPUs for one "
+                                        "generation: 'cuda:0,cuda:1'."),
+                io.Combo.Input("text_encoder", options=paths.component_choices("text_encoders"),
+                               tooltip="umT5-XXL encoder; default: models_t5_umt5-xxl-enc-bf16.pth in the "
+                                       "checkpoint folder, or a umt5_xxl file from models/text_encoders/."),
+                io.Combo.Input("vae", options=paths.component_choices("vae"),
+                               tooltip="Wan2.1 VAE; default: Wan2.1_VAE.pth in the checkpoint folder, or "
+                                       "wan_2.1_vae from models/vae/."),
+                io.Combo.Input("audio_encoder", options=paths.component_choices("audio_encoders"),
+                               tooltip="wav2vec2-large-xlsr-53-english; default: the folder inside the "
+                                       "checkpoint folder, or wav2vec2_large_english from models/audio_encoders/."),
+            ],
+            outputs=[LiveAvatarModel.Output(display_name="model")],
+        )
+
+    @classmethod
+    def execute(cls, checkpoint, lora, memory_mode, devices, text_encoder, vae, audio_encoder) -> io.NodeOutput:
+        key = (checkpoint, lora, memory_mode, devices, text_encoder, vae, audio_encoder)
+        if _loaded["key"] == key:
+            return io.NodeOutput(_loaded["engine"])
+        _unload()
+        folder = paths.resolve_checkpoint(checkpoint)
+        overrides = {name: p for name, p in (
+            ("text_encoder", paths.resolve_component("text_encoders", text_encoder)),
+            ("vae", paths.resolve_component("vae", vae)),
+            ("audio_encoder", paths.resolve_component("audio_encoders", audio_encoder))) if p is not None}
+        if folder.is_dir():
+            spec = ModelSpec.from_folder(folder, lora=paths.resolve_lora(lora), **overrides)
+        else:
+            missing = [n for n in ("text_encoder", "vae", "audio_encoder") if n not in overrides]
+            if missing:
+                raise ValueError(f"{', '.join(missing)}: the checkpoint {checkpoint!r} is a single file, so pick "
+                                 "the matching files (umt5_xxl, wan_2.1_vae, wav2vec2_large_english) explicitly")
+            spec = ModelSpec.single_files(folder, lora=paths.resolve_lora(lora), **overrides)
+        device = _device(devices)
+        engine = LiveAvatarEngine.load(spec, device=device, memory_mode=memory_mode, report=log.info)
+        _loaded["key"], _loaded["engine"] = key, engine
+        return io.NodeOutput(engine)
