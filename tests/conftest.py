@@ -1,0 +1,73 @@
+"""Fixtures shared by the ComfyUI tests: tiny checkpoints in ComfyUI's model folders, the pack's
+example inputs, and a real ComfyUI 0.3.75 host (scripts/setup_host.sh) booted headless on CPU."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+HOST = Path(os.environ.get("LIVEAVATAR_HOST_DIR", ROOT / ".comfyui-host"))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from comfy_client import ComfyClient  # noqa: E402
+
+MODEL_FOLDERS = """liveavatar_tests:
+  base_path: {models}
+  liveavatar: .
+  diffusion_models: comfyui/diffusion_models
+  text_encoders: comfyui/text_encoders
+  vae: comfyui/vae
+  audio_encoders: comfyui/audio_encoders
+  loras: comfyui/loras
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> Path:
+    from liveavatar_backend.fixtures import make_tiny_checkpoints
+    return make_tiny_checkpoints(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="session")
+def comfy(tmp_path_factory, tiny_models):
+    """(client, input_dir, output_dir) of a running ComfyUI with this pack and the tiny models."""
+    python = HOST / "venv" / "bin" / "python"
+    if not (HOST / "ComfyUI" / "main.py").exists():
+        pytest.skip(f"no ComfyUI host at {HOST}: run scripts/setup_host.sh (scripts/test.sh does)")
+    work = tmp_path_factory.mktemp("comfy")
+    inputs, outputs = work / "input", work / "output"
+    inputs.mkdir()
+    subprocess.run([str(python), str(ROOT / "scripts" / "make_example_inputs.py"), str(inputs)], check=True)
+    config = work / "extra_model_paths.yaml"
+    config.write_text(MODEL_FOLDERS.format(models=tiny_models))
+    port = _free_port()
+    log = open(work / "comfyui.log", "w")
+    process = subprocess.Popen(
+        [str(python), "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--disable-auto-launch",
+         "--dont-print-server", "--database-url", "sqlite:///:memory:", "--input-directory", str(inputs),
+         "--output-directory", str(outputs), "--extra-model-paths-config", str(config), "--cache-none"],
+        cwd=HOST / "ComfyUI", stdout=log, stderr=subprocess.STDOUT)
+    client = ComfyClient(f"http://127.0.0.1:{port}")
+    try:
+        client.wait_ready()
+    except TimeoutError:
+        process.kill()
+        raise RuntimeError((work / "comfyui.log").read_text()[-3000:]) from None
+    yield client, inputs, outputs
+    process.terminate()
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+    log.close()
