@@ -13,30 +13,14 @@ import torch
 import torch.nn.functional as F
 
 from .fp8 import fp8_linear
+from .layers import layer_norm as layer_norm32, rms_norm
+from .rope import apply_rope as rotate
 
 
 def linear(x: torch.Tensor, weights: tuple) -> torch.Tensor:
     if len(weights) == 2:
         return F.linear(x, weights[0], weights[1])
     return fp8_linear(x, *weights)
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    x32 = x.float()
-    return (x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + eps)).to(x.dtype) * weight
-
-
-def layer_norm32(x: torch.Tensor, eps: float, weight=None, bias=None) -> torch.Tensor:
-    return F.layer_norm(x.float(), (x.shape[-1],), None if weight is None else weight.float(),
-                        None if bias is None else bias.float(), eps)
-
-
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE on adjacent channel pairs of x [B, L, heads, D] with cos/sin [L, D/2]; float32 math."""
-    pairs = x.float().unflatten(-1, (-1, 2))
-    even, odd = pairs[..., 0], pairs[..., 1]
-    cos, sin = cos[:, None, :], sin[:, None, :]
-    return torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1).flatten(-2).to(x.dtype)
 
 
 def attention_inputs(x, e0, modulation, q, k, v, norm_q, norm_k, cos, sin, num_heads: int, eps: float):

@@ -6,18 +6,20 @@ import torch.nn.functional as F
 from torch import nn
 
 
-class RMSNorm(nn.Module):
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Wan's RMSNorm over all channels: normalised in float32, rounded to x's dtype, then scaled."""
+    x32 = x.float()
+    return (x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + eps)).to(x.dtype) * weight
 
+
+class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
-        return normed.to(x.dtype) * self.weight
+        return rms_norm(x, self.weight, self.eps)
 
 
 def layer_norm(x: torch.Tensor, eps: float = 1e-6, weight=None, bias=None) -> torch.Tensor:
@@ -42,12 +44,8 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).flatten(2)
 
 
-class CrossAttention(nn.Module):
-    """q from the hidden states, k/v from a context (text or audio tokens); RMS-normed q/k, no RoPE.
-
-    Keys and values depend only on the context, so callers compute them once with
-    `context_kv()` and reuse them for every block and step.
-    """
+class AttentionWeights(nn.Module):
+    """The q, k, v, o projections and q/k RMS norms every Wan attention has (published names)."""
 
     def __init__(self, dim: int, num_heads: int, eps: float = 1e-6):
         super().__init__()
@@ -58,6 +56,14 @@ class CrossAttention(nn.Module):
         self.o = nn.Linear(dim, dim)
         self.norm_q = RMSNorm(dim, eps)
         self.norm_k = RMSNorm(dim, eps)
+
+
+class CrossAttention(AttentionWeights):
+    """q from the hidden states, k/v from a context (text or audio tokens); RMS-normed q/k, no RoPE.
+
+    Keys and values depend only on the context, so callers compute them once with
+    `context_kv()` and reuse them for every block and step.
+    """
 
     def context_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         k = split_heads(self.norm_k(self.k(context)), self.num_heads)

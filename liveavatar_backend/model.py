@@ -24,7 +24,7 @@ from torch import nn
 from . import block_ops, rope
 from .config import DiTConfig
 from .kv_cache import CacheLayout, KVCacheBank, StepCache
-from .layers import CrossAttention, RMSNorm, attention, layer_norm
+from .layers import AttentionWeights, CrossAttention, attention, layer_norm
 from .model_audio import AudioInjector, CausalAudioEncoder
 
 ROLE_NOISY, ROLE_REFERENCE, ROLE_MOTION = 0, 1, 2     # rows of trainable_cond_mask (spec §2.2)
@@ -38,16 +38,8 @@ def linear_weights(layer: nn.Module) -> tuple:
     return layer.weight, layer.bias
 
 
-class SelfAttention(nn.Module):
-    def __init__(self, dim: int, num_heads: int, eps: float):
-        super().__init__()
-        self.num_heads = num_heads
-        self.q = nn.Linear(dim, dim)
-        self.k = nn.Linear(dim, dim)
-        self.v = nn.Linear(dim, dim)
-        self.o = nn.Linear(dim, dim)
-        self.norm_q = RMSNorm(dim, eps)
-        self.norm_k = RMSNorm(dim, eps)
+class SelfAttention(AttentionWeights):
+    """Self-attention weights; the computation is `block_ops.attention_inputs` + the caller's `attend`."""
 
 
 class DiTBlock(nn.Module):
