@@ -6,6 +6,7 @@ from .nodes import NODES
 from .nodes.paths import register_model_folders
 
 register_model_folders()
+WEB_DIRECTORY = "./web"          # web/liveavatar.js: the audio player of LiveAvatarLoadAudio16k
 
 
 class LiveAvatarExtension(ComfyExtension):

@@ -67,7 +67,9 @@ class LiveAvatarSampler(io.ComfyNode):
             bar.update_absolute(event.done, event.total, preview)
 
         store = ClipLatents(job)
-        for clip in model.sample(job, on_progress=on_progress, should_stop=mm.processing_interrupted):
+        # on_progress raises ComfyUI's own InterruptProcessingException, so the prompt ends as
+        # "interrupted" (not as an error); the sampler frees its caches on the way out
+        for clip in model.sample(job, on_progress=on_progress):
             store.append(clip)
         mm.soft_empty_cache()
         return io.NodeOutput(store.as_latent(voice))

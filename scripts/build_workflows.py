@@ -13,6 +13,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 FROM_FOLDER = "(from checkpoint folder)"
+WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")     # inputs the frontend shows as widgets
 PROMPT = ("An astronaut in a white spacesuit talks warmly to the camera in front of the American flag. "
           "Soft studio light, natural colours, photographic.")
 NOTE = {
@@ -73,22 +74,24 @@ def to_api(nodes: dict) -> dict:
 
 
 def widget_values(definition: dict, inputs: dict) -> list:
-    """Positional widget values in the frontend's order, with its extra UI-only widgets."""
-    values = []
+    """Positional widget values in the frontend's order; the upload widgets the frontend appends
+    (image: one value; audio: its player and button) come last."""
+    values, extras = [], []
     order = definition["input_order"].get("required", []) + definition["input_order"].get("optional", [])
     specs = {**definition["input"].get("required", {}), **definition["input"].get("optional", {})}
     for name in order:
         kind, options = specs[name][0], (specs[name][1] if len(specs[name]) > 1 else {})
-        if name not in inputs or is_link(inputs[name]):
+        if name not in inputs or not (isinstance(kind, list) or kind in WIDGET_TYPES):
             continue
-        values.append(inputs[name])
+        # a widget fed by a link keeps a (default) value in the list, like the frontend saves it
+        values.append(options.get("default") if is_link(inputs[name]) else inputs[name])
         if options.get("control_after_generate"):
             values.append("fixed")
         if options.get("image_upload"):
-            values.append("image")
+            extras.append("image")
         if options.get("audio_upload"):
-            values.extend([None, None])
-    return values
+            extras.extend([None, None])
+    return values + extras
 
 
 def to_ui(name: str, nodes: dict, info: dict) -> dict:
@@ -110,8 +113,12 @@ def to_ui(name: str, nodes: dict, info: dict) -> dict:
         link_inputs = []
         for key in definition["input_order"].get("required", []) + definition["input_order"].get("optional", []):
             kind = specs[key][0]
-            if isinstance(kind, str) and kind.isupper() and kind not in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"):
+            is_widget = not isinstance(kind, str) or kind in WIDGET_TYPES
+            if not is_widget:
                 link_inputs.append({"name": key, "type": kind, "link": incoming.get(i, {}).get(key)})
+            elif key in incoming.get(i, {}):           # a widget converted to an input by a link
+                link_inputs.append({"name": key, "type": kind, "widget": {"name": key},
+                                    "link": incoming[i][key]})
         for slot_index, entry in enumerate(link_inputs):
             for link in links:
                 if link[0] == entry["link"]:
@@ -127,7 +134,7 @@ def to_ui(name: str, nodes: dict, info: dict) -> dict:
                      "order": len(ui_nodes), "mode": 0, "inputs": [], "outputs": [], "properties": {},
                      "widgets_values": [NOTE[name] + MODELS_NOTE]})
     return {"last_node_id": note_id, "last_link_id": link_id, "nodes": ui_nodes, "links": links, "groups": [],
-            "config": {}, "extra": {"ds": {"scale": 0.8, "offset": [0, 300]}}, "version": 0.4}
+            "config": {}, "extra": {"ds": {"scale": 0.8, "offset": [80, 300]}}, "version": 0.4}
 
 
 def main(argv: list[str]) -> int:

@@ -45,6 +45,7 @@ def test_workflow_opens_cleanly_in_the_frontend(page, path):
     workflow = json.loads(path.read_text())
     result = page.evaluate(LOAD, workflow)
     assert result["missing"] == [] and result["errors"] == []
+    assert not page.locator("text=Invalid workflow").count(), "the frontend rejected the workflow schema"
     api = json.loads((ROOT / "workflows" / "api" / f"{path.stem}.api.json").read_text())
     converted = {node_id: node["class_type"] for node_id, node in result["output"].items()}
     assert converted == {node_id: node["class_type"] for node_id, node in api.items()}
