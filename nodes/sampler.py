@@ -68,8 +68,10 @@ class LiveAvatarSampler(io.ComfyNode):
 
         store = ClipLatents(job)
         # on_progress raises ComfyUI's own InterruptProcessingException, so the prompt ends as
-        # "interrupted" (not as an error); the sampler frees its caches on the way out
-        for clip in model.sample(job, on_progress=on_progress):
-            store.append(clip)
-        mm.soft_empty_cache()
+        # "interrupted" (not as an error); the sampler drops its caches on the way out
+        try:
+            for clip in model.sample(job, on_progress=on_progress):
+                store.append(clip)
+        finally:
+            mm.soft_empty_cache()
         return io.NodeOutput(store.as_latent(voice))
