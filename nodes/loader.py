@@ -26,9 +26,17 @@ def _unload() -> None:
 
 
 def _device(devices: str) -> str:
-    if devices.strip() in ("", "auto"):
+    text = devices.strip()
+    if text in ("", "auto"):
         return str(mm.get_torch_device())
-    return devices.strip()
+    if "," in text:
+        raise ValueError(f"devices: {text!r} names several GPUs; splitting one generation over GPUs is not "
+                         "available in this version yet — give one device such as 'cuda:0'")
+    try:
+        torch.device(text)
+    except RuntimeError:
+        raise ValueError(f"devices: {text!r} is not a device; use 'auto', 'cpu' or 'cuda:N'") from None
+    return text
 
 
 class LiveAvatarModelLoader(io.ComfyNode):
@@ -52,8 +60,7 @@ class LiveAvatarModelLoader(io.ComfyNode):
                                        "half the VRAM); low_vram: FP8 + attention caches in host memory. "
                                        "See the README for the VRAM each needs."),
                 io.String.Input("devices", default="auto",
-                                tooltip="'auto' (ComfyUI's device), 'cpu', 'cuda:0', or several GPUs for one "
-                                        "generation: 'cuda:0,cuda:1'."),
+                                tooltip="'auto' (ComfyUI's device), 'cpu' or 'cuda:N'."),
                 io.Combo.Input("text_encoder", options=paths.component_choices("text_encoders"),
                                tooltip="umT5-XXL encoder; default: models_t5_umt5-xxl-enc-bf16.pth in the "
                                        "checkpoint folder, or a umt5_xxl file from models/text_encoders/."),
