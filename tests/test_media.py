@@ -1,0 +1,96 @@
+"""The VAE, the audio features and the mp4 writer on tiny data."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import liveavatar_backend.audio as audio
+from liveavatar_backend.errors import CheckpointError, InputError
+from liveavatar_backend.vae import WanVAE, build_vae, wan_to_diffusers_key, write_tiny_vae
+from liveavatar_backend.video import Mp4Writer, probe_mp4
+
+MANIFEST = Path(__file__).resolve().parents[2] / "shared" / "reference" / "liveavatar_dit_14b_keys.json"
+
+
+def test_the_published_vae_keys_convert_completely():
+    if not MANIFEST.exists():
+        pytest.skip("manifest not present")
+    entry = next(v for k, v in json.loads(MANIFEST.read_text())["other_checkpoints"].items() if "vae" in k)
+    converted = {wan_to_diffusers_key(name): shape for name, shape in entry["keys"]}
+    expected = {name: list(t.shape) for name, t in build_vae(96).state_dict().items()}
+    assert len(entry["keys"]) == 194 and converted == expected
+
+
+@pytest.fixture(scope="module")
+def vae(tmp_path_factory):
+    return WanVAE.load(write_tiny_vae(tmp_path_factory.mktemp("vae") / "Wan2.1_VAE.pth", base_dim=4))
+
+
+def test_streaming_decode_equals_one_decode(vae):
+    latents = vae.encode(torch.rand(1, 3, 9, 64, 64) * 2 - 1)           # 9 frames -> 3 latents
+    assert latents.shape == (1, 16, 3, 8, 8)
+    whole = vae.decode(torch.cat([latents, latents], dim=2))
+    stream = vae.stream_decoder()
+    parts = torch.cat([stream.decode(latents), stream.decode(latents)], dim=2)
+    assert parts.shape == whole.shape == (1, 3, 21, 64, 64)
+    torch.testing.assert_close(parts, whole, rtol=0, atol=1e-6)
+
+
+def test_vae_file_that_does_not_match_fails(tmp_path):
+    path = write_tiny_vae(tmp_path / "v.pth", base_dim=4)
+    state = torch.load(path, weights_only=True)
+    del state["decoder.head.2.bias"]
+    torch.save(state, tmp_path / "missing.pth")
+    with pytest.raises(CheckpointError, match="missing.pth.*missing"):
+        WanVAE.load(tmp_path / "missing.pth")
+    state["decoder.head.2.bias"] = torch.zeros(5)
+    torch.save(state, tmp_path / "shape.pth")
+    with pytest.raises(CheckpointError, match="decoder.head.2.bias"):
+        WanVAE.load(tmp_path / "shape.pth")
+
+
+@pytest.fixture(scope="module")
+def extractor(tmp_path_factory):
+    folder = audio.write_tiny_wav2vec2(tmp_path_factory.mktemp("w2v") / "wav2vec2-large-xlsr-53-english")
+    return audio.AudioFeatureExtractor.load(folder)
+
+
+def test_features_follow_the_official_bucketing(extractor):
+    voice = torch.randn(16000 * 4) * 0.1
+    states = extractor.hidden_states_30hz(voice)
+    feats = extractor.extract(voice)
+    assert feats.shape[:2] == (3, 32)
+    torch.testing.assert_close(feats[..., 5], states[:, 6])             # frame 5 -> round(1.2 * 5) = 6
+    window = extractor.windows(voice)(feats.shape[-1] - 2, 12)          # runs past the end: zeros
+    assert window[..., 2:].abs().sum() == 0 and window[..., :2].abs().sum() > 0
+    assert audio.clips_for_audio(16000 * 10) == 6                      # spec §3.2 worked example
+
+
+def test_windowed_features_match_the_whole_file(extractor, monkeypatch):
+    voice = torch.randn(16000 * 12) * 0.1
+    whole = extractor.extract(voice)
+    monkeypatch.setattr(audio, "WHOLE_FILE_SECONDS", 5.0)
+    monkeypatch.setattr(audio, "WINDOW_SECONDS", 4.0)
+    monkeypatch.setattr(audio, "CONTEXT_SECONDS", 2.0)
+    windows = extractor.windows(voice)
+    assert windows.whole is None
+    part = windows(100, 60)
+    assert (part - whole[..., 100:160]).norm() / whole[..., 100:160].norm() < 0.02
+
+
+def test_mp4_writer_removes_its_partial_file_on_error(tmp_path):
+    out = tmp_path / "clip.mp4"
+    with pytest.raises(RuntimeError):
+        with Mp4Writer(out, 64, 48, audio=(torch.zeros(16000), 16000)) as writer:
+            writer.write(torch.rand(12, 48, 64, 3))
+            raise RuntimeError("stopped")
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(InputError, match="even"):
+        Mp4Writer(out, 65, 48)
+    with Mp4Writer(out, 64, 48, audio=(torch.zeros(48000), 16000)) as writer:
+        writer.write(torch.rand(45, 48, 64, 3))
+        writer.write(torch.rand(48, 48, 64, 3))
+    info = probe_mp4(out)
+    assert (info["frames"], info["fps"], info["has_audio"]) == (93, 25.0, True)
+    assert abs(info["duration"] - 93 / 25) < 0.1                        # audio cut at the end of the video
