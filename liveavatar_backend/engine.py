@@ -130,8 +130,10 @@ class LiveAvatarEngine:
         if mode.fp8_weights:
             convert_to_fp8(dit, out_dtype=dtype)
         report("loading text encoder, VAE and audio encoder")
+        # umT5-XXL (11 GB in bf16) lives in host memory and visits the GPU only to encode a prompt
+        # (spec §4.3: the official single-GPU default offloads it too); low_vram encodes on the CPU.
         encoder_device = device if on_gpu and not mode.offload_caches else "cpu"
-        text = TextEncoder.load(spec.text_encoder, spec.tokenizer, encoder_device, dtype)
+        text = TextEncoder.load(spec.text_encoder, spec.tokenizer, "cpu", dtype)
         vae = WanVAE.load(spec.vae, device, dtype)
         audio = AudioFeatureExtractor.load(spec.audio_encoder, encoder_device, torch.float32)
         if on_gpu:
@@ -156,10 +158,21 @@ class LiveAvatarEngine:
             ref = self.vae.encode(pixels[None, :, None])[0]                                # [16, 1, h, w]
             motion = self.vae.encode(pixels[None, :, None].expand(-1, -1, C.MOTION_FRAMES, -1, -1))[0]
             motion = motion[:, -C.MOTION_LATENTS:]
-            text_kv = self.dit.text_context_kv(self.text_encoder.encode(prompt))
+            text_kv = self.dit.text_context_kv(self._encode_prompt(prompt))
         cond = Conditioning(ref.to(self.dtype), motion.to(self.dtype), text_kv,
                             lambda first, count: features(first, count).to(self.device))
         return Job(plan, cond, motion[:, : C.WARM_UP_LATENTS][None])
+
+    def _encode_prompt(self, prompt: str) -> torch.Tensor:
+        visit = self.device.type == "cuda" and not self.mode.offload_caches
+        if visit:
+            self.text_encoder.to(self.device)
+        try:
+            return self.text_encoder.encode(prompt)
+        finally:
+            if visit:
+                self.text_encoder.to("cpu")
+                torch.cuda.empty_cache()
 
     def decoder(self, warm_up: torch.Tensor) -> ClipDecoder:
         """A fresh streaming decoder for one video, primed with the job's warm-up latents."""
