@@ -116,8 +116,8 @@ class LiveAvatarEngine:
         """Load and check every component; the LoRA is merged before any FP8 conversion.
 
         On the GPU the DiT runs in bf16 (FP8 linears in 'balanced'/'low_vram'); on the CPU in float32.
-        The text and audio encoders run once per prompt, so they stay on the CPU unless the
-        device is a GPU and the mode is 'quality'."""
+        The text encoder stays in host memory (see `_encode_prompt`); wav2vec2 (0.6 GB) sits on the
+        GPU except in 'low_vram'."""
         spec.check_files()
         mode = memory_mode_by_name(memory_mode)
         on_gpu = torch.device(device).type == "cuda"
