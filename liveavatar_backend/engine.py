@@ -134,6 +134,9 @@ class LiveAvatarEngine:
         # (spec §4.3: the official single-GPU default offloads it too); low_vram encodes on the CPU.
         encoder_device = device if on_gpu and not mode.offload_caches else "cpu"
         text = TextEncoder.load(spec.text_encoder, spec.tokenizer, "cpu", dtype)
+        if on_gpu and not mode.offload_caches:
+            for tensor in _weights_of(text.model):      # page-locked: the per-prompt copy runs at full bus speed
+                tensor.data = tensor.data.pin_memory()
         vae = WanVAE.load(spec.vae, device, dtype)
         audio = AudioFeatureExtractor.load(spec.audio_encoder, encoder_device, torch.float32)
         if on_gpu:
@@ -164,15 +167,20 @@ class LiveAvatarEngine:
         return Job(plan, cond, motion[:, : C.WARM_UP_LATENTS][None])
 
     def _encode_prompt(self, prompt: str) -> torch.Tensor:
-        visit = self.device.type == "cuda" and not self.mode.offload_caches
-        if visit:
-            self.text_encoder.to(self.device)
+        """umT5 states of the prompt. On the GPU the weights are copied in from pinned host memory
+        for the call and the GPU copies simply dropped afterwards (nothing is copied back)."""
+        if self.device.type != "cuda" or self.mode.offload_caches:
+            return self.text_encoder.encode(prompt)
+        tensors = _weights_of(self.text_encoder.model)
+        host = [t.data for t in tensors]
         try:
+            for tensor, on_host in zip(tensors, host):
+                tensor.data = on_host.to(self.device, non_blocking=True)
             return self.text_encoder.encode(prompt)
         finally:
-            if visit:
-                self.text_encoder.to("cpu")
-                torch.cuda.empty_cache()
+            for tensor, on_host in zip(tensors, host):
+                tensor.data = on_host
+            torch.cuda.empty_cache()
 
     def decoder(self, warm_up: torch.Tensor) -> ClipDecoder:
         """A fresh streaming decoder for one video, primed with the job's warm-up latents."""
@@ -186,6 +194,10 @@ class LiveAvatarEngine:
                                cuda_graphs=on_gpu and not self.mode.offload_caches)
         for clip in sampler.clips(on_progress=on_progress, should_stop=should_stop):
             yield clip.cpu()
+
+
+def _weights_of(model: torch.nn.Module) -> list[torch.Tensor]:
+    return list(model.parameters()) + list(model.buffers())
 
 
 def _image_hw(portrait) -> tuple[int, int]:
