@@ -8,24 +8,8 @@ import time
 
 import torch
 
-from liveavatar_backend.config import DiTConfig
-from liveavatar_backend.loading import build_empty_dit
+from liveavatar_backend.fixtures import random_dit  # noqa: F401  (used by the bench scripts)
 from liveavatar_backend.pipeline import Conditioning
-
-
-def random_dit(cfg: DiTConfig, device, dtype=torch.bfloat16, seed: int = 0):
-    """The DiT with random weights (std 0.02, norms 1, biases 0) allocated on `device`."""
-    torch.manual_seed(seed)
-    model = build_empty_dit(cfg).to_empty(device=device)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.zero_()
-            elif "norm" in name and p.dim() == 1:
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, 0.02)
-    return model.to(dtype).eval().requires_grad_(False)
 
 
 def synthetic_conditioning(model, height: int, width: int, seed: int = 0) -> Conditioning:

@@ -24,6 +24,7 @@ from .image import preprocess_portrait
 from .lora import merge_lora, read_lora
 from .loading import load_dit
 from .memory_modes import memory_mode as memory_mode_by_name
+from .parallel import PipelineWorkers, parse_devices
 from .pipeline import BlockSampler, Conditioning, GenerationPlan, ProgressEvent, plan_generation
 from .sizes import parse_size
 from .text import TextEncoder
@@ -106,9 +107,11 @@ class ClipDecoder:
 
 
 class LiveAvatarEngine:
-    def __init__(self, dit, text_encoder, vae, audio_features, device, dtype, spec: ModelSpec, mode):
+    def __init__(self, dit, text_encoder, vae, audio_features, device, dtype, spec: ModelSpec, mode,
+                 workers: PipelineWorkers | None = None):
         self.dit, self.text_encoder, self.vae, self.audio_features = dit, text_encoder, vae, audio_features
         self.device, self.dtype, self.spec, self.mode = torch.device(device), dtype, spec, mode
+        self.workers = workers          # the DiT's layer ranges on several devices (then dit is None)
 
     @classmethod
     def load(cls, spec: ModelSpec, device: str = "cuda", *, memory_mode: str = "quality",
@@ -120,15 +123,25 @@ class LiveAvatarEngine:
         GPU except in 'low_vram'."""
         spec.check_files()
         mode = memory_mode_by_name(memory_mode)
+        devices = parse_devices(device)
+        device = devices[0]                  # also where the encoders and the VAE live
         on_gpu = torch.device(device).type == "cuda"
         dtype = torch.bfloat16 if on_gpu else torch.float32
-        report(f"loading DiT from {spec.dit}")
-        dit = load_dit(spec.dit, device=device, dtype=dtype)
-        if spec.lora is not None:
-            report(f"merging LoRA {spec.lora}")
-            merge_lora(dit, read_lora(spec.lora), scale=spec.lora_scale, path_for_errors=spec.lora)
-        if mode.fp8_weights:
-            convert_to_fp8(dit, out_dtype=dtype)
+        dit = workers = None
+        if len(devices) > 1:
+            report(f"loading DiT layer ranges on {', '.join(devices)}")
+            workers = PipelineWorkers(devices, dict(dit=str(spec.dit), lora=spec.lora and str(spec.lora),
+                                                    lora_scale=spec.lora_scale, fp8=mode.fp8_weights,
+                                                    offload_caches=mode.offload_caches, random=None), report=report)
+            workers.start()
+        else:
+            report(f"loading DiT from {spec.dit}")
+            dit = load_dit(spec.dit, device=device, dtype=dtype)
+            if spec.lora is not None:
+                report(f"merging LoRA {spec.lora}")
+                merge_lora(dit, read_lora(spec.lora), scale=spec.lora_scale, path_for_errors=spec.lora)
+            if mode.fp8_weights:
+                convert_to_fp8(dit, out_dtype=dtype)
         report("loading text encoder, VAE and audio encoder")
         # umT5-XXL (11 GB in bf16) lives in host memory and visits the GPU only to encode a prompt
         # (spec §4.3: the official single-GPU default offloads it too); low_vram encodes on the CPU.
@@ -139,9 +152,14 @@ class LiveAvatarEngine:
                 tensor.data = tensor.data.pin_memory()
         vae = WanVAE.load(spec.vae, device, dtype)
         audio = AudioFeatureExtractor.load(spec.audio_encoder, encoder_device, torch.float32)
-        if on_gpu:
+        if on_gpu and dit is not None:
             block_ops.enable_compile()        # one graph per function for all layers (PERFORMANCE.md)
-        return cls(dit, text, vae, audio, device, dtype, spec, mode)
+        return cls(dit, text, vae, audio, device, dtype, spec, mode, workers)
+
+    def close(self) -> None:
+        """End the pipeline workers (a sharded DiT); a single-device engine has nothing to end."""
+        if self.workers is not None:
+            self.workers.close()
 
     # ------------------------------------------------------------------------------- preparing
     def prepare(self, portrait, audio_16k: torch.Tensor, prompt: str, *, size: str, num_clips: int,
@@ -161,9 +179,11 @@ class LiveAvatarEngine:
             ref = self.vae.encode(pixels[None, :, None])[0]                                # [16, 1, h, w]
             motion = self.vae.encode(pixels[None, :, None].expand(-1, -1, C.MOTION_FRAMES, -1, -1))[0]
             motion = motion[:, -C.MOTION_LATENTS:]
-            text_kv = self.dit.text_context_kv(self._encode_prompt(prompt))
+            text_states = self._encode_prompt(prompt)
+            text_kv = self.dit.text_context_kv(text_states) if self.dit is not None else None
         cond = Conditioning(ref.to(self.dtype), motion.to(self.dtype), text_kv,
-                            lambda first, count: features(first, count).to(self.device))
+                            lambda first, count: features(first, count).to(self.device),
+                            text_states=text_states if self.dit is None else None)
         return Job(plan, cond, motion[:, : C.WARM_UP_LATENTS][None])
 
     def _encode_prompt(self, prompt: str) -> torch.Tensor:
@@ -189,6 +209,11 @@ class LiveAvatarEngine:
     def sample(self, job: Job, on_progress: Callable[[ProgressEvent], None] | None = None,
                should_stop: Callable[[], bool] | None = None) -> Iterator[torch.Tensor]:
         """Clean latents [16, 12, H8, W8] of each clip, on the CPU, as they are finished."""
+        if self.workers is not None:
+            cond = job.cond
+            yield from self.workers.sample(job.plan, cond.text_states, cond.ref_latent, cond.motion_latents,
+                                           cond.audio_features, on_progress=on_progress, should_stop=should_stop)
+            return
         on_gpu = self.device.type == "cuda"
         sampler = BlockSampler(self.dit, job.plan, job.cond, offload_caches=self.mode.offload_caches and on_gpu,
                                cuda_graphs=on_gpu and not self.mode.offload_caches)

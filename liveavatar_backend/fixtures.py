@@ -92,3 +92,27 @@ def make_tiny_checkpoints(out: str | Path, seed: int = 0) -> Path:
         "TINY RANDOM SMOKE MODEL — random weights in the published file layouts, made by\n"
         "`python -m liveavatar_backend make-tiny-checkpoints`. It produces noise, not an avatar.\n")
     return out
+
+
+def random_dit(cfg: DiTConfig, device, dtype=torch.bfloat16, seed: int = 0, keep=None) -> LiveAvatarDiT:
+    """The DiT with random weights (std 0.02, norms 1, biases 0) made directly on `device`, for
+    benchmarks at full size without a checkpoint. Each tensor is drawn from a generator seeded by
+    its name, so a device holding a layer range (`keep`) gets the same values as the whole model."""
+    import zlib
+    from .loading import build_empty_dit
+    model = build_empty_dit(cfg)
+    state = {}
+    for name, meta in model.state_dict().items():
+        if keep is not None and not keep(name):
+            continue
+        tensor = torch.empty(meta.shape, dtype=torch.float32, device=device)
+        if name.endswith("bias"):
+            tensor.zero_()
+        elif "norm" in name and tensor.dim() == 1:
+            tensor.fill_(1.0)
+        else:
+            generator = torch.Generator(device=device).manual_seed(seed + zlib.crc32(name.encode()))
+            tensor.normal_(0.0, 0.02, generator=generator)
+        state[name] = tensor.to(dtype)
+    model.load_state_dict(state, strict=keep is None, assign=True)
+    return model.eval().requires_grad_(False)

@@ -63,7 +63,8 @@ def convert_to_fp8(model: nn.Module, out_dtype: torch.dtype = torch.bfloat16) ->
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             full = f"{name}.{child_name}" if name else child_name
-            if type(child) is nn.Linear and not any(s in full for s in FP8_SKIPPED):
+            held_elsewhere = type(child) is nn.Linear and child.weight.is_meta    # another device's layers
+            if type(child) is nn.Linear and not held_elsewhere and not any(s in full for s in FP8_SKIPPED):
                 setattr(module, child_name, FP8Linear(child, out_dtype))
                 converted += child.weight.numel()
                 del child

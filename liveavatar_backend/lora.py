@@ -75,6 +75,10 @@ class LoraWeights(dict[str, LoraPair]):
         super().__init__(pairs)
         self.source, self.keys = source, dict(keys)
 
+    def subset(self, keep_module) -> "LoraWeights":
+        """The modules `keep_module(name)` accepts (one device's layer range when sharded)."""
+        return LoraWeights({m: p for m, p in self.items() if keep_module(m)}, self.source, self.keys)
+
 
 @dataclass(frozen=True)
 class MergeReport:

@@ -162,16 +162,18 @@ class LiveAvatarDiT(nn.Module):
             self._time_cache[t] = (e[0], e0[0].unflatten(0, (6, self.cfg.dim)))
         return self._time_cache[t]
 
-    def text_context_kv(self, text_states: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """umT5 states [L, text_dim] -> per-layer cross-attention (k, v), computed once per prompt.
+    def text_context_kv(self, text_states: torch.Tensor, layers: range | None = None) -> list:
+        """umT5 states [L, text_dim] -> per-layer cross-attention (k, v), computed once per prompt
+        (None for layers outside `layers`, which another device holds).
 
         Rows are zero-padded to text_len before the embedding and all text_len rows are attended,
         as in the official model (spec §2.2)."""
+        layers = layers if layers is not None else range(self.cfg.num_layers)
         rows = text_states[: self.cfg.text_len].to(self.device, self.dtype)
         padded = rows.new_zeros(self.cfg.text_len, rows.shape[1])
         padded[: rows.shape[0]] = rows
         context = self.text_embedding(padded.unsqueeze(0))
-        return [block.cross_attn.context_kv(context) for block in self.blocks]
+        return [block.cross_attn.context_kv(context) if i in layers else None for i, block in enumerate(self.blocks)]
 
     def encode_audio_block(self, features: torch.Tensor, history: int, history_latents: int):
         """wav2vec2 features of one block [layers, audio_dim, 12] -> (tokens [3, n+1, dim], global [3, dim]).

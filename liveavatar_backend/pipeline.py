@@ -60,8 +60,9 @@ class Conditioning:
     """Everything the DiT needs besides noise, computed once per generation."""
     ref_latent: torch.Tensor        # [16, 1, H8, W8] normalised VAE latent of the portrait
     motion_latents: torch.Tensor    # [16, 19, H8, W8]
-    text_kv: list                   # per-layer text cross-attention (k, v)
+    text_kv: list | None            # per-layer text cross-attention (k, v); None when the DiT is sharded
     audio_features: Callable[[int, int], torch.Tensor]   # (first video frame, count) -> [L, C, count]
+    text_states: torch.Tensor | None = None   # umT5 states [L, 4096], sent to the devices of a sharded DiT
 
 
 @dataclasses.dataclass

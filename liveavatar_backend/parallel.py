@@ -1,0 +1,304 @@
+"""One generation over several devices of one host: the controller side (issue 5).
+
+The process that loads the model (ComfyUI, the CLI) stays out of the GPU pipeline. It starts one
+worker process per device (`python -m liveavatar_backend.parallel_worker`), each a torch.distributed
+rank holding one layer range (see `stage.py`), and talks to them over authenticated local
+connections (`multiprocessing.connection`): what to load, one job at a time, audio features on
+request, finished block latents back. Hidden states move between the GPUs only through
+torch.distributed (NCCL), never through this process.
+
+The controller keeps the text encoder, wav2vec2 and the VAE, so decoding a clip here overlaps with
+the workers' DiT work on the next clip. A worker that fails (out of memory, a bad file, killed)
+ends every worker; the error names the rank, its device and what it printed, and the next job
+starts fresh workers.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from multiprocessing.connection import Listener, wait
+from pathlib import Path
+
+import torch
+
+from . import constants as C
+from .errors import CheckpointError, GenerationInterrupted, InputError
+from .parallel_worker import AUTHKEY_ENV, CONTROLLER_ENV, DEVICE_ENV, recv_message, send_message
+from .pipeline import GenerationPlan, ProgressEvent
+
+log = logging.getLogger("liveavatar")
+
+MAX_DEVICES = 8                    # issue 5: N = 1…8 devices of one host
+POLL_SECONDS = 0.1                 # how often a waiting controller checks for stop requests
+QUIT_GRACE_SECONDS = 10.0          # a worker asked to quit gets this long before it is killed
+LOG_TAIL_CHARS = 2000              # of a failed worker's output, quoted in the error
+
+
+class WorkerError(RuntimeError):
+    """A pipeline worker failed; the message names the rank, its device and the cause."""
+
+
+def parse_devices(text: str) -> list[str]:
+    """'cuda:0,cuda:1' -> ['cuda:0', 'cuda:1'] (also 'cpu,cpu' for the CPU test path)."""
+    devices = [part.strip() for part in str(text).split(",") if part.strip()]
+    if not devices:
+        raise InputError("devices is empty; give 'cuda:0' or a list such as 'cuda:0,cuda:1'")
+    if len(devices) > MAX_DEVICES:
+        raise InputError(f"devices lists {len(devices)} devices; at most {MAX_DEVICES} of one host are supported")
+    for name in devices:
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise InputError(f"devices: {name!r} is not a device; use 'cpu', 'cuda:N' or a comma-separated list") from None
+        if device.type == "cuda" and len(devices) > 1 and device.index is None:
+            raise InputError(f"devices: {name!r} must name its index when several GPUs are listed, e.g. 'cuda:0,cuda:1'")
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            raise InputError(f"devices: {name!r} does not exist; this machine has {torch.cuda.device_count()} GPU(s)")
+    cuda = [d for d in devices if d.startswith("cuda")]
+    if len(set(cuda)) != len(cuda):
+        raise InputError(f"devices: {text!r} lists a GPU twice; each GPU takes one layer range")
+    if len(devices) > 1 and 0 < len(cuda) < len(devices):
+        raise InputError(f"devices: {text!r} mixes CPU and GPU; use GPUs only (or CPUs only, for tests)")
+    return devices
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclasses.dataclass
+class _Worker:
+    rank: int
+    device: str
+    process: subprocess.Popen
+    log_path: Path
+    conn: object = None
+
+    def tail(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-LOG_TAIL_CHARS:].strip()
+        except OSError:
+            return ""
+
+
+class PipelineWorkers:
+    """The worker processes of one loaded model, one per device, started on demand."""
+
+    def __init__(self, devices: list[str], load: dict, *, report: Callable[[str], None] = log.info,
+                 extra_env: dict[str, str] | None = None):
+        self.devices, self.load, self.report = list(devices), dict(load), report
+        self.extra_env = dict(extra_env or {})
+        self.workers: list[_Worker] = []
+        self.ready_bytes: list[int] = []
+        self.last_reports: list[dict] = []
+        self.job_id = 0
+
+    # ------------------------------------------------------------------------------ lifecycle
+    @property
+    def running(self) -> bool:
+        return bool(self.workers) and all(w.process.poll() is None for w in self.workers)
+
+    def start(self) -> None:
+        """Start one worker per device, load the weights in each, wait until all are ready."""
+        self.close()
+        key = secrets.token_bytes(16)
+        listener = Listener(("127.0.0.1", 0), authkey=key)
+        package = Path(__file__).resolve().parent
+        env_base = dict(os.environ, **self.extra_env, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
+                        WORLD_SIZE=str(len(self.devices)), **{CONTROLLER_ENV: "%s:%d" % listener.address,
+                                                              AUTHKEY_ENV: key.hex()})
+        env_base["PYTHONPATH"] = os.pathsep.join(filter(None, [str(package.parent), os.environ.get("PYTHONPATH")]))
+        try:
+            for rank, device in enumerate(self.devices):
+                log_file = tempfile.NamedTemporaryFile("w", prefix=f"liveavatar-worker{rank}-", suffix=".log",
+                                                       delete=False)
+                env = dict(env_base, RANK=str(rank), LOCAL_RANK=str(rank), **{DEVICE_ENV: device})
+                process = subprocess.Popen([sys.executable, "-m", f"{package.name}.parallel_worker"], env=env,
+                                           stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                           cwd=str(package.parent), start_new_session=True)
+                log_file.close()
+                self.workers.append(_Worker(rank, device, process, Path(log_file.name)))
+            self._accept(listener)
+            for worker in self.workers:
+                send_message(worker.conn, dict(self.load))
+            self.ready_bytes = [message[2] for message in self._collect("ready")]
+        except BaseException:
+            self.close()
+            raise
+        finally:
+            listener.close()
+        self.report(f"{len(self.devices)} pipeline workers ready on {', '.join(self.devices)}")
+
+    def _accept(self, listener: Listener) -> None:
+        """Accept every worker's connection, watching for workers that die before connecting."""
+        accepted: list = []
+        thread = threading.Thread(target=lambda: [accepted.append(listener.accept()) for _ in self.workers],
+                                  daemon=True)
+        thread.start()
+        while len(accepted) < len(self.workers):
+            self._check_alive()
+            time.sleep(POLL_SECONDS / 2)
+        for conn in accepted:
+            hello = recv_message(conn)                      # ("hello", rank, world, device)
+            self.workers[hello[1]].conn = conn
+
+    def close(self) -> None:
+        """Ask every worker to quit; kill what is still running after the grace period."""
+        for worker in self.workers:
+            try:
+                if worker.conn is not None and worker.process.poll() is None:
+                    send_message(worker.conn, ("quit",))
+            except (OSError, ValueError):
+                pass
+        deadline = time.monotonic() + QUIT_GRACE_SECONDS
+        for worker in self.workers:
+            try:
+                worker.process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                _kill(worker.process)
+            if worker.conn is not None:
+                worker.conn.close()
+            worker.log_path.unlink(missing_ok=True)
+        self.workers = []
+
+    def _fail(self, message: str, error_type: type[Exception] = WorkerError):
+        for worker in self.workers:
+            _kill(worker.process)
+        self.close()
+        raise error_type(message)
+
+    def _check_alive(self) -> None:
+        for worker in self.workers:
+            code = worker.process.poll()
+            if code is not None:
+                self._fail(f"pipeline worker {worker.rank} ({worker.device}) exited with code {code}; "
+                           f"its last output:\n{worker.tail()}")
+
+    # ------------------------------------------------------------------------------ messages
+    def _messages(self) -> Iterator[tuple]:
+        """Messages from any worker as they come, ("idle",) every POLL_SECONDS without one; raises
+        when a worker reports an error or its process ends."""
+        conns = {w.conn: w for w in self.workers}
+        while True:
+            ready = wait(list(conns), timeout=POLL_SECONDS)
+            if not ready:
+                self._check_alive()
+                yield ("idle",)
+                continue
+            for conn in ready:
+                worker = conns[conn]
+                try:
+                    message = recv_message(conn)
+                except (EOFError, OSError):
+                    try:
+                        worker.process.wait(timeout=QUIT_GRACE_SECONDS)
+                    except subprocess.TimeoutExpired:
+                        pass
+                    self._check_alive()
+                    self._fail(f"pipeline worker {worker.rank} ({worker.device}) closed its connection")
+                if message[0] == "error":
+                    self._raise_worker_error(worker, message[2])
+                yield message
+
+    def _raise_worker_error(self, worker: _Worker, text: str):
+        """A worker's own error: checkpoint and input errors keep their type (and message)."""
+        kind, _, detail = text.partition(": ")
+        error_type = {"CheckpointError": CheckpointError, "InputError": InputError}.get(kind)
+        if error_type is not None:
+            self._fail(detail, error_type)
+        self._fail(f"pipeline worker {worker.rank} ({worker.device}) failed: {text}")
+
+    def _collect(self, kind: str) -> list[tuple]:
+        """Wait for one `kind` message from every worker (by rank)."""
+        got: dict[int, tuple] = {}
+        for message in self._messages():
+            if message[0] == kind:
+                got[message[1]] = message
+                if len(got) == len(self.workers):
+                    return [got[r] for r in range(len(self.workers))]
+
+    # ---------------------------------------------------------------------------------- jobs
+    def sample(self, plan: GenerationPlan, text_states: torch.Tensor, ref_latent: torch.Tensor,
+               motion_latents: torch.Tensor, audio_features: Callable[[int, int], torch.Tensor], *,
+               on_progress: Callable[[ProgressEvent], None] | None = None,
+               should_stop: Callable[[], bool] | None = None) -> Iterator[torch.Tensor]:
+        """Clean latents [16, 12, H8, W8] of each clip (CPU), in order, as the workers finish them."""
+        if not self.running:
+            self.start()
+        self.job_id += 1
+        job_id = self.job_id
+        job = {"id": job_id, "plan": dataclasses.asdict(plan), "text_states": text_states.cpu()}
+        for worker in self.workers:
+            extra = {"ref_latent": ref_latent.cpu(), "motion_latents": motion_latents.cpu()} if worker.rank == 0 else {}
+            send_message(worker.conn, ("job", dict(job, **extra)))
+        rank0 = self.workers[0].conn
+        blocks: list[torch.Tensor] = []
+        finished: set[int] = set()
+        reports: dict[int, dict] = {}
+        stop_sent = False
+        try:
+            for message in self._messages():
+                if should_stop is not None and not stop_sent and should_stop():
+                    send_message(rank0, ("stop", job_id))
+                    stop_sent = True
+                kind = message[0]
+                if kind == "audio":
+                    clip = message[2]
+                    features = audio_features(C.FRAMES_PER_CLIP * clip, C.FRAMES_PER_CLIP).float().cpu()
+                    send_message(rank0, ("audio", job_id, clip, features))
+                elif kind == "block":
+                    blocks.append(message[2])
+                    block = message[1]
+                    if on_progress is not None:
+                        on_progress(ProgressEvent((block + 1) * plan.steps, plan.total_block_steps,
+                                                  block // C.BLOCKS_PER_CLIP, block % C.BLOCKS_PER_CLIP,
+                                                  plan.steps - 1, latents=message[2]))
+                    if len(blocks) == C.BLOCKS_PER_CLIP:
+                        yield torch.cat(blocks, dim=1)
+                        blocks = []
+                elif kind in ("done", "stopped"):
+                    finished.add(message[1])
+                    if kind == "done":
+                        reports[message[1]] = message[2]
+                    if len(finished) == len(self.workers):
+                        if kind == "stopped" or stop_sent:
+                            raise GenerationInterrupted("generation stopped on every device")
+                        self.last_reports = [reports[r] for r in sorted(reports)]
+                        return
+        except GeneratorExit:
+            # the caller stopped reading: stop the workers so the next job starts clean
+            self._stop_and_drain(job_id, finished)
+            raise
+
+    def _stop_and_drain(self, job_id: int, finished: set[int]) -> None:
+        if not self.running or len(finished) == len(self.workers):
+            return
+        send_message(self.workers[0].conn, ("stop", job_id))
+        for message in self._messages():
+            if message[0] in ("done", "stopped"):
+                finished.add(message[1])
+                if len(finished) == len(self.workers):
+                    return
+
+
+def _kill(process: subprocess.Popen) -> None:
+    """End a worker and anything it started (it runs in its own session)."""
+    if process.poll() is not None:
+        return
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        process.kill()
+    process.wait()
