@@ -77,7 +77,10 @@ def run_job(workers: PipelineWorkers, plan: GenerationPlan, cfg: DiTConfig, deco
     return {"fps": C.FRAMES_PER_CLIP / clip_s, "ms_per_block_step": 1000 * clip_s / (C.BLOCKS_PER_CLIP * plan.steps),
             "ttfb_s": first_block[0], "total_s": arrivals[-1],
             "peak_gb_per_gpu": [round(r["peak_bytes"] / 1e9, 2) for r in reports],
-            "bubble": round(reports[0]["bubble"], 4)}
+            "bubble": round(reports[0]["bubble"], 4),
+            "compute_ms_per_rank": [round(r["compute_ms"], 1) for r in reports],
+            "tick_ms_per_rank": [round(r["tick_ms"], 1) for r in reports],
+            "launch_ms_per_rank": [round(r["launch_ms"], 1) for r in reports]}
 
 
 def make_decoder(plan: GenerationPlan):

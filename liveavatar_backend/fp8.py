@@ -58,14 +58,19 @@ class FP8Linear(nn.Module):
 
 
 def convert_to_fp8(model: nn.Module, out_dtype: torch.dtype = torch.bfloat16) -> int:
-    """Replace every eligible nn.Linear in place; returns the number of parameters now in FP8."""
+    """Replace every eligible nn.Linear in place; returns the number of parameters now in FP8.
+
+    One layer at a time, holding no reference to a replaced layer, so its high-precision weight
+    is freed before the next is converted: the peak is the model plus one layer, not 1.5 models."""
+    targets = [name for name, child in model.named_modules()
+               if type(child) is nn.Linear and not child.weight.is_meta      # meta: another device's layers
+               and not any(s in name for s in FP8_SKIPPED)]
     converted = 0
-    for name, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
-            full = f"{name}.{child_name}" if name else child_name
-            held_elsewhere = type(child) is nn.Linear and child.weight.is_meta    # another device's layers
-            if type(child) is nn.Linear and not held_elsewhere and not any(s in full for s in FP8_SKIPPED):
-                setattr(module, child_name, FP8Linear(child, out_dtype))
-                converted += child.weight.numel()
-                del child
+    for name in targets:
+        parent_name, _, child_name = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        linear = getattr(parent, child_name)
+        converted += linear.weight.numel()
+        setattr(parent, child_name, FP8Linear(linear, out_dtype))
+        del linear
     return converted

@@ -42,6 +42,7 @@ MAX_DEVICES = 8                    # issue 5: N = 1…8 devices of one host
 POLL_SECONDS = 0.1                 # how often a waiting controller checks for stop requests
 QUIT_GRACE_SECONDS = 10.0          # a worker asked to quit gets this long before it is killed
 LOG_TAIL_CHARS = 2000              # of a failed worker's output, quoted in the error
+WORKER_CPU_THREADS = 4             # at most this many CPU threads per worker (see start())
 
 
 class WorkerError(RuntimeError):
@@ -120,6 +121,9 @@ class PipelineWorkers:
                         WORLD_SIZE=str(len(self.devices)), **{CONTROLLER_ENV: "%s:%d" % listener.address,
                                                               AUTHKEY_ENV: key.hex()})
         env_base["PYTHONPATH"] = os.pathsep.join(filter(None, [str(package.parent), os.environ.get("PYTHONPATH")]))
+        # a worker's CPU work is small (RoPE tables, bookkeeping); N workers that each spin up one
+        # OpenMP thread per core oversubscribe the CPU and starve the GPU of launches
+        env_base.setdefault("OMP_NUM_THREADS", str(max(1, min(WORKER_CPU_THREADS, (os.cpu_count() or 1) // len(self.devices)))))
         try:
             for rank, device in enumerate(self.devices):
                 log_file = tempfile.NamedTemporaryFile("w", prefix=f"liveavatar-worker{rank}-", suffix=".log",

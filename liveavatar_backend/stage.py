@@ -16,6 +16,7 @@ result equals the single-device result.
 from __future__ import annotations
 
 import dataclasses
+import statistics
 import time
 from collections.abc import Callable
 
@@ -70,10 +71,41 @@ class StageReport:
     busy_ticks: int
     seconds: float
     peak_bytes: int
+    compute_ms: float = 0.0           # median GPU time of this rank's share of one item
+    tick_ms: float = 0.0              # median GPU time of a whole tick (compute + exchange + waiting)
+    launch_ms: float = 0.0            # median CPU time to issue one tick
 
     @property
     def bubble(self) -> float:
         return 1 - self.busy_ticks / max(1, self.ticks)
+
+
+class TickTimer:
+    """CUDA events at the start of a tick, after the compute and after the exchange (GPU only)."""
+
+    def __init__(self, device: torch.device):
+        self.enabled = device.type == "cuda"
+        self.ticks: list[list] = []
+
+    def tick(self) -> list:
+        marks = []
+        if self.enabled:
+            self.ticks.append(marks)
+            self.mark(marks)
+        return marks
+
+    def mark(self, marks: list) -> None:
+        if self.enabled:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            marks.append(event)
+
+    def medians(self) -> tuple[float, float]:
+        """(compute ms, tick ms), medians over ticks after the first few (compilation, fill)."""
+        rows = [(m[0].elapsed_time(m[1]), m[0].elapsed_time(m[2])) for m in self.ticks[len(self.ticks) // 4:]]
+        if not rows:
+            return 0.0, 0.0
+        return statistics.median(r[0] for r in rows), statistics.median(r[1] for r in rows)
 
 
 class PipelineStage:
@@ -120,18 +152,24 @@ class PipelineStage:
         self.sink = job.ref_latent
         incoming = None
         busy, start = 0, time.perf_counter()
+        timer, launch = TickTimer(dit.device), []
         if dit.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dit.device)
         try:
             with torch.no_grad():
                 for tick in range(ticks):
+                    cpu_start = time.perf_counter()
                     self._check_stop(should_stop, tick)
                     item = item_at(order, self.rank, tick)
                     out = None
+                    marks = timer.tick()
                     if item is not None:
                         busy += 1
                         out = self._process(item, incoming, job, bank, timesteps)
+                    timer.mark(marks)
                     incoming = self._exchange(order, tick, item, out, layout)
+                    timer.mark(marks)
+                    launch.append(time.perf_counter() - cpu_start)
                     returning = item_at(order, self.world - 1, tick)
                     if self.first and isinstance(returning, Denoise):
                         velocity = out if self.world == 1 else incoming.pop("velocity")
@@ -144,7 +182,9 @@ class PipelineStage:
         if dit.device.type == "cuda":
             torch.cuda.synchronize(dit.device)
         peak = torch.cuda.max_memory_allocated(dit.device) if dit.device.type == "cuda" else 0
-        return StageReport(ticks, busy, time.perf_counter() - start, peak)
+        compute_ms, tick_ms = timer.medians()
+        return StageReport(ticks, busy, time.perf_counter() - start, peak, compute_ms, tick_ms,
+                           1000 * statistics.median(launch) if launch else 0.0)
 
     def _check_stop(self, should_stop, tick: int) -> None:
         """Rank 0 decides; the flag goes to every rank over the CPU (gloo) path, so all stop on the same tick."""
