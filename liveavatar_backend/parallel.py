@@ -56,6 +56,11 @@ def parse_devices(text: str) -> list[str]:
         raise InputError("devices is empty; give 'cuda:0' or a list such as 'cuda:0,cuda:1'")
     if len(devices) > MAX_DEVICES:
         raise InputError(f"devices lists {len(devices)} devices; at most {MAX_DEVICES} of one host are supported")
+    cuda = [d for d in devices if d.startswith("cuda")]
+    if len(set(cuda)) != len(cuda):
+        raise InputError(f"devices: {text!r} lists a GPU twice; each GPU takes one layer range")
+    if len(devices) > 1 and 0 < len(cuda) < len(devices):
+        raise InputError(f"devices: {text!r} mixes CPU and GPU; use GPUs only (or CPUs only, for tests)")
     for name in devices:
         try:
             device = torch.device(name)
@@ -65,11 +70,6 @@ def parse_devices(text: str) -> list[str]:
             raise InputError(f"devices: {name!r} must name its index when several GPUs are listed, e.g. 'cuda:0,cuda:1'")
         if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
             raise InputError(f"devices: {name!r} does not exist; this machine has {torch.cuda.device_count()} GPU(s)")
-    cuda = [d for d in devices if d.startswith("cuda")]
-    if len(set(cuda)) != len(cuda):
-        raise InputError(f"devices: {text!r} lists a GPU twice; each GPU takes one layer range")
-    if len(devices) > 1 and 0 < len(cuda) < len(devices):
-        raise InputError(f"devices: {text!r} mixes CPU and GPU; use GPUs only (or CPUs only, for tests)")
     return devices
 
 
@@ -184,11 +184,13 @@ class PipelineWorkers:
         raise error_type(message)
 
     def _check_alive(self) -> None:
-        for worker in self.workers:
-            code = worker.process.poll()
-            if code is not None:
-                self._fail(f"pipeline worker {worker.rank} ({worker.device}) exited with code {code}; "
-                           f"its last output:\n{worker.tail()}")
+        """Fail naming an exited worker; one killed by a signal is the likely cause of the others."""
+        dead = [w for w in self.workers if w.process.poll() is not None]
+        if dead:
+            worker = min(dead, key=lambda w: (w.process.returncode >= 0, w.rank))
+            code = worker.process.returncode
+            how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+            self._fail(f"pipeline worker {worker.rank} ({worker.device}) {how}; its last output:\n{worker.tail()}")
 
     # ------------------------------------------------------------------------------ messages
     def _messages(self) -> Iterator[tuple]:
@@ -218,6 +220,9 @@ class PipelineWorkers:
 
     def _raise_worker_error(self, worker: _Worker, text: str):
         """A worker's own error: checkpoint and input errors keep their type (and message)."""
+        time.sleep(POLL_SECONDS)            # a worker killed from outside makes the others fail too:
+        if any(w.process.poll() is not None and w.process.returncode < 0 for w in self.workers):
+            self._check_alive()             # name the killed one, not the first to notice
         kind, _, detail = text.partition(": ")
         error_type = {"CheckpointError": CheckpointError, "InputError": InputError}.get(kind)
         if error_type is not None:

@@ -1,0 +1,184 @@
+"""The sharded multi-device DiT (issue 5) on CPUs: the schedule's dependencies, gloo worker
+processes that reproduce the single-process latents exactly, and failures that end cleanly."""
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+
+from liveavatar_backend import constants as C
+from liveavatar_backend.errors import CheckpointError, GenerationInterrupted, InputError
+from liveavatar_backend.fixtures import make_tiny_checkpoints
+from liveavatar_backend.parallel import WorkerError, parse_devices
+from liveavatar_backend.pipeline_schedule import (Denoise, Prefill, bubble_fraction, build_schedule, item_at,
+                                                  stage_layers)
+
+PORTRAIT = torch.rand(400, 720, 3, generator=torch.Generator().manual_seed(0))
+VOICE = torch.randn(16000 * 5, generator=torch.Generator().manual_seed(1)) * 0.1     # 5 s -> 3 clips
+
+
+# ------------------------------------------------------------------------------- the schedule
+@pytest.mark.parametrize("stages", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("steps", [2, 3, 4])
+@pytest.mark.parametrize("clips", [1, 3])
+def test_schedule_runs_every_item_once_and_respects_dependencies(stages, steps, clips):
+    order = build_schedule(clips, steps, stages)
+    tick = {item: t for t, item in enumerate(order) if item is not None}
+    blocks = clips * C.BLOCKS_PER_CLIP
+    denoise = [item for item in order if isinstance(item, Denoise)]
+    assert sorted((d.block, d.step) for d in denoise) == [(b, s) for b in range(blocks) for s in range(steps)]
+    assert order[0] == Prefill(rolling=False)
+    for d in denoise:
+        if d.step > 0:      # its input is the previous step's output, back from the last device
+            assert tick[d] >= tick[Denoise(d.block, d.step - 1)] + stages
+        if d.block > 0:     # the step's cache holds the previous block at every layer
+            assert tick[d] > tick[Denoise(d.block - 1, d.step)]
+    rolling = Prefill(rolling=True)
+    if clips > 1:
+        assert order.count(rolling) == 1
+        assert all(tick[d] < tick[rolling] for d in denoise if d.clip == 0)
+        assert all(tick[d] > tick[rolling] for d in denoise if d.clip > 0)
+        assert tick[rolling] >= tick[Denoise(0, steps - 1)] + stages
+    else:
+        assert rolling not in order
+
+
+def test_one_device_runs_block_by_block_and_two_devices_keep_both_busy():
+    order = build_schedule(2, 4, 1)
+    assert [(d.block, d.step) for d in order if isinstance(d, Denoise)][:5] == [(0, 0), (0, 1), (0, 2), (0, 3), (1, 0)]
+    assert bubble_fraction(order, 1) == 0
+    assert bubble_fraction(build_schedule(10, 4, 2), 2) < 0.01       # steady state: no idle ticks
+    assert item_at(order, 0, len(order)) is None
+
+
+def test_stage_layers_cover_every_layer_once():
+    for stages in range(1, 9):
+        ranges = stage_layers(40, stages)
+        assert [i for r in ranges for i in r] == list(range(40))
+        assert max(map(len, ranges)) - min(map(len, ranges)) <= 1
+    with pytest.raises(ValueError):
+        stage_layers(3, 4)
+
+
+def test_parse_devices_names_the_bad_entry():
+    assert parse_devices("cpu, cpu") == ["cpu", "cpu"]
+    for bad, words in (("", "empty"), ("cuda:0,cuda:0", "twice"), ("gpu0", "'gpu0'"), (",".join(["cpu"] * 9), "at most"),
+                       (f"cuda:{torch.cuda.device_count()}", "does not exist"), ("cpu,cuda:0", "mixes")):
+        with pytest.raises(InputError, match=words):
+            parse_devices(bad)
+
+
+# ------------------------------------------------------------------ workers on CPUs (gloo)
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny_checkpoints(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def spec(tiny):
+    from liveavatar_backend.engine import ModelSpec
+    return ModelSpec.from_folder(tiny / "Wan2.2-S2V-14B", lora=tiny / "liveavatar.safetensors")
+
+
+@pytest.fixture(scope="module")
+def single(spec):
+    from liveavatar_backend.engine import LiveAvatarEngine
+    return LiveAvatarEngine.load(spec, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def sharded(spec):
+    from liveavatar_backend.engine import LiveAvatarEngine
+    engine = LiveAvatarEngine.load(spec, device="cpu,cpu")
+    yield engine
+    engine.close()
+
+
+def _clips(engine, steps=3, seed=5, **kwargs):
+    job = engine.prepare(PORTRAIT, VOICE, "a person talks", size="384*256", num_clips=0, steps=steps, seed=seed)
+    return list(engine.sample(job, **kwargs))
+
+
+def _worker_pids(engine) -> list[int]:
+    return [w.process.pid for w in engine.workers.workers]
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+
+
+@pytest.fixture(scope="module")
+def reference(single):
+    return _clips(single)
+
+
+def test_two_gloo_processes_give_the_single_process_latents(sharded, reference):
+    got = _clips(sharded)
+    assert len(got) == len(reference) == 3                     # 5 s of voice: 3 clips, rolling sink used
+    for a, b in zip(got, reference):
+        assert torch.equal(a, b)
+    reports = sharded.workers.last_reports
+    assert len(reports) == 2 and all(r["busy_ticks"] > 0 for r in reports)
+
+
+def test_three_processes_with_fewer_steps_than_devices(spec, single):
+    from liveavatar_backend.engine import LiveAvatarEngine
+    engine = LiveAvatarEngine.load(spec, device="cpu,cpu,cpu")
+    try:
+        got = _clips(engine, steps=2, seed=9)
+    finally:
+        engine.close()
+    for a, b in zip(got, _clips(single, steps=2, seed=9)):
+        assert torch.equal(a, b)
+
+
+def test_stop_ends_every_worker_within_a_step_and_the_next_job_runs(sharded, reference):
+    events = []
+
+    def on_progress(event):
+        events.append(event)
+
+    with pytest.raises(GenerationInterrupted):
+        _clips(sharded, on_progress=on_progress, should_stop=lambda: len(events) >= 1)
+    assert len(events) <= 2                                    # stopped right after the first block
+    assert sharded.workers.running                             # workers stay loaded
+    assert all(torch.equal(a, b) for a, b in zip(_clips(sharded), reference))
+
+
+def test_a_killed_worker_is_a_clear_error_and_the_next_job_starts_fresh_workers(sharded, reference):
+    pids = _worker_pids(sharded)
+
+    def kill_after_first_block(event):
+        if event.block == 0 and event.clip == 0:
+            os.kill(pids[1], signal.SIGKILL)
+
+    with pytest.raises(WorkerError, match=r"worker 1 \(cpu\)"):
+        _clips(sharded, on_progress=kill_after_first_block)
+    deadline = time.monotonic() + 10
+    while not all(_gone(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert all(_gone(p) for p in pids), "a worker process was left behind"
+    assert all(torch.equal(a, b) for a, b in zip(_clips(sharded), reference))   # fresh workers
+    assert set(_worker_pids(sharded)).isdisjoint(pids)
+
+
+def test_a_lora_that_does_not_match_fails_loudly_and_leaves_no_worker(spec, tmp_path):
+    import dataclasses
+
+    from safetensors.torch import save_file
+
+    from liveavatar_backend.engine import LiveAvatarEngine
+    bad = tmp_path / "other.safetensors"
+    save_file({"diffusion_model.blocks.0.self_attn.q.lora_A.weight": torch.zeros(4, 7),
+               "diffusion_model.blocks.0.self_attn.q.lora_B.weight": torch.zeros(7, 4)}, str(bad))
+    before = subprocess.run(["pgrep", "-f", "liveavatar_backend.parallel_worker"], capture_output=True, text=True)
+    with pytest.raises(CheckpointError, match="other.safetensors"):
+        LiveAvatarEngine.load(dataclasses.replace(spec, lora=bad), device="cpu,cpu")
+    after = subprocess.run(["pgrep", "-f", "liveavatar_backend.parallel_worker"], capture_output=True, text=True)
+    assert set(after.stdout.split()) <= set(before.stdout.split())
