@@ -24,7 +24,7 @@ from .image import preprocess_portrait
 from .lora import merge_lora, read_lora
 from .loading import load_dit
 from .memory_modes import memory_mode as memory_mode_by_name
-from .parallel import PipelineWorkers, parse_devices
+from .parallel import PipelineWorkers, external_world, parse_devices
 from .pipeline import BlockSampler, Conditioning, GenerationPlan, ProgressEvent, plan_generation
 from .sizes import parse_size
 from .text import TextEncoder
@@ -118,17 +118,23 @@ class LiveAvatarEngine:
              report: Callable[[str], None] = log.info) -> "LiveAvatarEngine":
         """Load and check every component; the LoRA is merged before any FP8 conversion.
 
+        `device`: 'cuda', 'cuda:N', 'cpu'; a list of GPUs such as 'cuda:0,cuda:1' splits the DiT's
+        layers over them (one worker process each, see `parallel.py`); 'external:N' waits for N
+        workers started by torchrun, on this and other hosts.
+
         On the GPU the DiT runs in bf16 (FP8 linears in 'balanced'/'low_vram'); on the CPU in float32.
         The text encoder stays in host memory (see `_encode_prompt`); wav2vec2 (0.6 GB) sits on the
         GPU except in 'low_vram'."""
         spec.check_files()
         mode = memory_mode_by_name(memory_mode)
         devices = parse_devices(device)
-        device = devices[0]                  # also where the encoders and the VAE live
+        sharded = len(devices) > 1 or external_world(devices) > 0
+        # the encoders and the VAE live on the first device (with torchrun workers: this host's GPU)
+        device = ("cuda" if torch.cuda.is_available() else "cpu") if external_world(devices) else devices[0]
         on_gpu = torch.device(device).type == "cuda"
         dtype = torch.bfloat16 if on_gpu else torch.float32
         dit = workers = None
-        if len(devices) > 1:
+        if sharded:
             report(f"loading DiT layer ranges on {', '.join(devices)}")
             workers = PipelineWorkers(devices, dict(dit=str(spec.dit), lora=spec.lora and str(spec.lora),
                                                     lora_scale=spec.lora_scale, fp8=mode.fp8_weights,

@@ -43,6 +43,8 @@ POLL_SECONDS = 0.1                 # how often a waiting controller checks for s
 QUIT_GRACE_SECONDS = 10.0          # a worker asked to quit gets this long before it is killed
 LOG_TAIL_CHARS = 2000              # of a failed worker's output, quoted in the error
 WORKER_CPU_THREADS = 4             # at most this many CPU threads per worker (see start())
+EXTERNAL_PREFIX = "external:"      # 'external:N': N workers started by torchrun connect to us
+EXTERNAL_CONNECT_SECONDS = 600.0   # how long to wait for them
 
 
 class WorkerError(RuntimeError):
@@ -54,6 +56,8 @@ def parse_devices(text: str) -> list[str]:
     devices = [part.strip() for part in str(text).split(",") if part.strip()]
     if not devices:
         raise InputError("devices is empty; give 'cuda:0' or a list such as 'cuda:0,cuda:1'")
+    if external_world(devices):
+        return devices
     if len(devices) > MAX_DEVICES:
         raise InputError(f"devices lists {len(devices)} devices; at most {MAX_DEVICES} of one host are supported")
     cuda = [d for d in devices if d.startswith("cuda")]
@@ -83,23 +87,31 @@ def _free_port() -> int:
 class _Worker:
     rank: int
     device: str
-    process: subprocess.Popen
-    log_path: Path
+    process: subprocess.Popen | None          # None: started elsewhere (torchrun)
+    log_path: Path | None
     conn: object = None
+
+    def exit_code(self) -> int | None:
+        return None if self.process is None else self.process.poll()
 
     def tail(self) -> str:
         try:
-            return self.log_path.read_text(errors="replace")[-LOG_TAIL_CHARS:].strip()
+            return self.log_path.read_text(errors="replace")[-LOG_TAIL_CHARS:].strip() if self.log_path else ""
         except OSError:
             return ""
 
 
 class PipelineWorkers:
-    """The worker processes of one loaded model, one per device, started on demand."""
+    """The worker processes of one loaded model, one per device, started on demand.
+
+    `devices` lists this host's devices (one worker is started for each), or is
+    ['external:N']: N workers started by torchrun, on this and other hosts, connect to
+    LIVEAVATAR_CONTROLLER (host:port, which this process listens on) with LIVEAVATAR_AUTHKEY."""
 
     def __init__(self, devices: list[str], load: dict, *, report: Callable[[str], None] = log.info,
                  extra_env: dict[str, str] | None = None):
         self.devices, self.load, self.report = list(devices), dict(load), report
+        self.external = external_world(self.devices)
         self.extra_env = dict(extra_env or {})
         self.workers: list[_Worker] = []
         self.ready_bytes: list[int] = []
@@ -109,11 +121,13 @@ class PipelineWorkers:
     # ------------------------------------------------------------------------------ lifecycle
     @property
     def running(self) -> bool:
-        return bool(self.workers) and all(w.process.poll() is None for w in self.workers)
+        return bool(self.workers) and all(w.exit_code() is None and not w.conn.closed for w in self.workers)
 
     def start(self) -> None:
         """Start one worker per device, load the weights in each, wait until all are ready."""
         self.close()
+        if self.external:
+            return self._start_external()
         key = secrets.token_bytes(16)
         listener = Listener(("127.0.0.1", 0), authkey=key)
         package = Path(__file__).resolve().parent
@@ -145,50 +159,78 @@ class PipelineWorkers:
             listener.close()
         self.report(f"{len(self.devices)} pipeline workers ready on {', '.join(self.devices)}")
 
-    def _accept(self, listener: Listener) -> None:
+    def _start_external(self) -> None:
+        """Wait for N torchrun-started workers to connect, then load as usual."""
+        if AUTHKEY_ENV not in os.environ or CONTROLLER_ENV not in os.environ:
+            raise InputError(f"devices {self.devices[0]!r}: set {CONTROLLER_ENV}=host:port (this process listens "
+                             f"there) and {AUTHKEY_ENV}=<hex key> here and for the torchrun workers")
+        host, port = os.environ[CONTROLLER_ENV].rsplit(":", 1)
+        listener = Listener(("0.0.0.0", int(port)), authkey=bytes.fromhex(os.environ[AUTHKEY_ENV]))
+        self.workers = [_Worker(rank, "?", None, None) for rank in range(self.external)]
+        self.report(f"waiting for {self.external} torchrun workers to connect to port {port}")
+        try:
+            self._accept(listener, timeout=EXTERNAL_CONNECT_SECONDS)
+            for worker in self.workers:
+                send_message(worker.conn, dict(self.load))
+            self.ready_bytes = [message[2] for message in self._collect("ready")]
+        except BaseException:
+            self.close()
+            raise
+        finally:
+            listener.close()
+        self.report(f"{self.external} pipeline workers ready on {', '.join(w.device for w in self.workers)}")
+
+    def _accept(self, listener: Listener, timeout: float | None = None) -> None:
         """Accept every worker's connection, watching for workers that die before connecting."""
         accepted: list = []
         thread = threading.Thread(target=lambda: [accepted.append(listener.accept()) for _ in self.workers],
                                   daemon=True)
         thread.start()
+        deadline = None if timeout is None else time.monotonic() + timeout
         while len(accepted) < len(self.workers):
             self._check_alive()
+            if deadline is not None and time.monotonic() > deadline:
+                raise WorkerError(f"only {len(accepted)} of {len(self.workers)} pipeline workers connected "
+                                  f"within {timeout:.0f} s")
             time.sleep(POLL_SECONDS / 2)
         for conn in accepted:
-            hello = recv_message(conn)                      # ("hello", rank, world, device)
-            self.workers[hello[1]].conn = conn
+            _, rank, world, device = recv_message(conn)     # ("hello", rank, world, device)
+            if world != len(self.workers):
+                raise WorkerError(f"a worker reports a world of {world} processes; expected {len(self.workers)}")
+            self.workers[rank].conn, self.workers[rank].device = conn, device
 
     def close(self) -> None:
         """Ask every worker to quit; kill what is still running after the grace period."""
         for worker in self.workers:
             try:
-                if worker.conn is not None and worker.process.poll() is None:
+                if worker.conn is not None and worker.exit_code() is None:
                     send_message(worker.conn, ("quit",))
             except (OSError, ValueError):
                 pass
         deadline = time.monotonic() + QUIT_GRACE_SECONDS
         for worker in self.workers:
-            try:
-                worker.process.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                _kill(worker.process)
+            if worker.process is not None:
+                try:
+                    worker.process.wait(timeout=max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    _kill(worker.process)
+                worker.log_path.unlink(missing_ok=True)
             if worker.conn is not None:
                 worker.conn.close()
-            worker.log_path.unlink(missing_ok=True)
         self.workers = []
 
     def _fail(self, message: str, error_type: type[Exception] = WorkerError):
         for worker in self.workers:
             _kill(worker.process)
-        self.close()
+        self.close()                       # (torchrun workers end when their connection closes)
         raise error_type(message)
 
     def _check_alive(self) -> None:
         """Fail naming an exited worker; one killed by a signal is the likely cause of the others."""
-        dead = [w for w in self.workers if w.process.poll() is not None]
+        dead = [w for w in self.workers if w.exit_code() is not None]
         if dead:
-            worker = min(dead, key=lambda w: (w.process.returncode >= 0, w.rank))
-            code = worker.process.returncode
+            worker = min(dead, key=lambda w: (w.exit_code() >= 0, w.rank))
+            code = worker.exit_code()
             how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
             self._fail(f"pipeline worker {worker.rank} ({worker.device}) {how}; its last output:\n{worker.tail()}")
 
@@ -209,7 +251,8 @@ class PipelineWorkers:
                     message = recv_message(conn)
                 except (EOFError, OSError):
                     try:
-                        worker.process.wait(timeout=QUIT_GRACE_SECONDS)
+                        if worker.process is not None:
+                            worker.process.wait(timeout=QUIT_GRACE_SECONDS)
                     except subprocess.TimeoutExpired:
                         pass
                     self._check_alive()
@@ -221,7 +264,7 @@ class PipelineWorkers:
     def _raise_worker_error(self, worker: _Worker, text: str):
         """A worker's own error: checkpoint and input errors keep their type (and message)."""
         time.sleep(POLL_SECONDS)            # a worker killed from outside makes the others fail too:
-        if any(w.process.poll() is not None and w.process.returncode < 0 for w in self.workers):
+        if any((w.exit_code() or 0) < 0 for w in self.workers):
             self._check_alive()             # name the killed one, not the first to notice
         kind, _, detail = text.partition(": ")
         error_type = {"CheckpointError": CheckpointError, "InputError": InputError}.get(kind)
@@ -302,9 +345,19 @@ class PipelineWorkers:
                     return
 
 
-def _kill(process: subprocess.Popen) -> None:
+def external_world(devices: list[str]) -> int:
+    """N for ['external:N'] (workers started by torchrun), else 0."""
+    if len(devices) == 1 and devices[0].startswith(EXTERNAL_PREFIX):
+        count = devices[0][len(EXTERNAL_PREFIX):]
+        if not count.isdigit() or int(count) < 1:
+            raise InputError(f"devices {devices[0]!r}: give the number of torchrun workers, e.g. 'external:8'")
+        return int(count)
+    return 0
+
+
+def _kill(process: subprocess.Popen | None) -> None:
     """End a worker and anything it started (it runs in its own session)."""
-    if process.poll() is not None:
+    if process is None or process.poll() is not None:
         return
     try:
         os.killpg(process.pid, signal.SIGKILL)

@@ -11,6 +11,7 @@ import comfy.model_management as mm
 
 from ..liveavatar_backend.engine import LiveAvatarEngine, ModelSpec
 from ..liveavatar_backend.memory_modes import MEMORY_MODES
+from ..liveavatar_backend.parallel import parse_devices
 from . import paths
 
 log = logging.getLogger("liveavatar")
@@ -20,22 +21,20 @@ _loaded: dict = {"key": None, "engine": None}   # one model set at a time; 14B d
 
 
 def _unload() -> None:
+    engine = _loaded["engine"]
+    if engine is not None:
+        engine.close()                              # ends the pipeline workers of a sharded model
     _loaded["key"] = _loaded["engine"] = None
     gc.collect()
     mm.soft_empty_cache()
 
 
-def _device(devices: str) -> str:
+def _devices(devices: str) -> str:
+    """'auto' -> ComfyUI's device; otherwise one device or a comma-separated list of GPUs."""
     text = devices.strip()
     if text in ("", "auto"):
         return str(mm.get_torch_device())
-    if "," in text:
-        raise ValueError(f"devices: {text!r} names several GPUs; splitting one generation over GPUs is not "
-                         "available in this version yet — give one device such as 'cuda:0'")
-    try:
-        torch.device(text)
-    except RuntimeError:
-        raise ValueError(f"devices: {text!r} is not a device; use 'auto', 'cpu' or 'cuda:N'") from None
+    parse_devices(text)            # an InputError (a ValueError) naming the bad entry and the fix
     return text
 
 
@@ -60,7 +59,10 @@ class LiveAvatarModelLoader(io.ComfyNode):
                                        "half the VRAM); low_vram: FP8 + attention caches in host memory. "
                                        "See the README for the VRAM each needs."),
                 io.String.Input("devices", default="auto",
-                                tooltip="'auto' (ComfyUI's device), 'cpu' or 'cuda:N'."),
+                                tooltip="'auto' (ComfyUI's device), 'cpu', 'cuda:N', or several GPUs such as "
+                                        "'cuda:0,cuda:1': the DiT's layers are split over them (each holds "
+                                        "its share of weights and caches; 2 GPUs run about twice as fast). "
+                                        "The encoders and the VAE stay on the first."),
                 io.Combo.Input("text_encoder", options=paths.component_choices("text_encoders"),
                                tooltip="umT5-XXL encoder; default: models_t5_umt5-xxl-enc-bf16.pth in the "
                                        "checkpoint folder, or a umt5_xxl file from models/text_encoders/."),
@@ -93,7 +95,7 @@ class LiveAvatarModelLoader(io.ComfyNode):
                 raise ValueError(f"{', '.join(missing)}: the checkpoint {checkpoint!r} is a single file, so pick "
                                  "the matching files (umt5_xxl, wan_2.1_vae, wav2vec2_large_english) explicitly")
             spec = ModelSpec.single_files(folder, lora=paths.resolve_lora(lora), **overrides)
-        device = _device(devices)
+        device = _devices(devices)
         engine = LiveAvatarEngine.load(spec, device=device, memory_mode=memory_mode, report=log.info)
         _loaded["key"], _loaded["engine"] = key, engine
         return io.NodeOutput(engine)

@@ -90,3 +90,37 @@ def test_corrupt_audio_and_unreadable_image_fail_with_named_errors(comfy):
     error = client.error_of(run(client, workflow))
     assert error and "broken_portrait.png" in error
     assert client.get("/system_stats")["system"]          # still serving
+
+
+def _frames(path: Path):
+    import av
+    import numpy as np
+    with av.open(str(path)) as container:
+        return np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)])
+
+
+def _pipeline_workers() -> set[str]:
+    import subprocess
+    found = subprocess.run(["pgrep", "-f", "liveavatar_backend.parallel_worker"], capture_output=True, text=True)
+    return set(found.stdout.split())
+
+
+def test_a_model_split_over_two_devices_renders_the_same_video_and_ends_with_the_model(comfy):
+    client, _, outputs = comfy
+    videos = {}
+    for devices in ("auto", "cpu,cpu"):
+        workflow = api("fast_check")
+        workflow["1"]["inputs"]["devices"] = devices
+        workflow["4"]["inputs"]["seed"] = 11
+        entry = run(client, workflow)
+        assert client.error_of(entry) is None, client.error_of(entry)
+        video = client.videos_of(entry)[0]
+        videos[devices] = _frames(outputs / video["subfolder"] / video["filename"])
+    assert len(_pipeline_workers()) == 2                          # the loaded model's two ranks
+    assert videos["auto"].shape == videos["cpu,cpu"].shape
+    assert abs(videos["auto"].astype(int) - videos["cpu,cpu"].astype(int)).max() <= 1
+    workflow = api("fast_check")
+    workflow["1"]["inputs"]["devices"] = "cuda:0,cuda:0"
+    error = client.error_of(run(client, workflow))
+    assert error and "cuda:0,cuda:0" in error and "twice" in error
+    assert not _pipeline_workers()                                # unloading the model ended them

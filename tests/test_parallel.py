@@ -182,3 +182,34 @@ def test_a_lora_that_does_not_match_fails_loudly_and_leaves_no_worker(spec, tmp_
         LiveAvatarEngine.load(dataclasses.replace(spec, lora=bad), device="cpu,cpu")
     after = subprocess.run(["pgrep", "-f", "liveavatar_backend.parallel_worker"], capture_output=True, text=True)
     assert set(after.stdout.split()) <= set(before.stdout.split())
+
+
+def test_workers_started_by_torchrun_give_the_same_latents(spec, reference, monkeypatch):
+    """The multi-host path: torchrun starts the ranks (env:// rendezvous), the controller waits for them."""
+    import secrets
+    import socket
+    import sys
+    from pathlib import Path
+
+    from liveavatar_backend.engine import LiveAvatarEngine
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, LIVEAVATAR_CONTROLLER=f"127.0.0.1:{port}", LIVEAVATAR_AUTHKEY=secrets.token_hex(16),
+               PYTHONPATH=str(root), OMP_NUM_THREADS="2")
+    for name in ("LIVEAVATAR_CONTROLLER", "LIVEAVATAR_AUTHKEY"):
+        monkeypatch.setenv(name, env[name])
+    torchrun = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                                 "-m", "liveavatar_backend.parallel_worker"], env=env, cwd=root,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        engine = LiveAvatarEngine.load(spec, device="external:2")
+        got = _clips(engine)
+        engine.close()
+        assert torchrun.wait(timeout=60) == 0          # the workers quit with the controller
+    finally:
+        if torchrun.poll() is None:
+            torchrun.kill()
+    for a, b in zip(got, reference):
+        assert torch.equal(a, b)
