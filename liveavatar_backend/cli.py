@@ -33,10 +33,13 @@ def _generate(args) -> int:
           file=sys.stderr)
     decoder = engine.decoder(job.decoder_warm_up)
     bar = tqdm(total=plan.total_block_steps, unit="block-step", desc="generating")
-    with Mp4Writer(args.out, plan.width, plan.height, fps=25, audio=(voice, 16000)) as writer:
-        for clip in engine.sample(job, on_progress=lambda e: bar.update(e.done - bar.n)):
-            writer.write(decoder.decode(clip))
-    bar.close()
+    try:
+        with Mp4Writer(args.out, plan.width, plan.height, fps=25, audio=(voice, 16000)) as writer:
+            for clip in engine.sample(job, on_progress=lambda e: bar.update(e.done - bar.n)):
+                writer.write(decoder.decode(clip))      # with several GPUs: overlaps the next clip's DiT
+    finally:
+        bar.close()
+        engine.close()
     print(f"wrote {args.out}", file=sys.stderr)
     return 0
 
@@ -72,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--num-clip", type=int, default=0, help="48-frame clips; 0 = follow the audio")
     gen.add_argument("--steps", type=int, default=4, choices=(2, 3, 4))
     gen.add_argument("--seed", type=int, default=420)
-    gen.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu")
+    gen.add_argument("--device", default="cuda", help="cuda, cuda:N, cpu; a list of GPUs (cuda:0,cuda:1) splits "
+                                                      "the DiT over them; external:N waits for N torchrun workers")
     gen.add_argument("--memory-mode", default="quality", choices=("quality", "balanced", "low_vram"))
     gen.add_argument("--out", required=True, help="output .mp4")
     gen.set_defaults(run=_generate)
@@ -96,3 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     except (GenerationInterrupted, KeyboardInterrupt):
         print("interrupted", file=sys.stderr)
         return 130
+    except RuntimeError as exc:
+        from .parallel import WorkerError
+        if not isinstance(exc, WorkerError):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 1

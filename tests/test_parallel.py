@@ -177,11 +177,10 @@ def test_a_lora_that_does_not_match_fails_loudly_and_leaves_no_worker(spec, tmp_
     bad = tmp_path / "other.safetensors"
     save_file({"diffusion_model.blocks.0.self_attn.q.lora_A.weight": torch.zeros(4, 7),
                "diffusion_model.blocks.0.self_attn.q.lora_B.weight": torch.zeros(7, 4)}, str(bad))
-    before = subprocess.run(["pgrep", "-f", "liveavatar_backend.parallel_worker"], capture_output=True, text=True)
+    before = _all_workers()
     with pytest.raises(CheckpointError, match="other.safetensors"):
         LiveAvatarEngine.load(dataclasses.replace(spec, lora=bad), device="cpu,cpu")
-    after = subprocess.run(["pgrep", "-f", "liveavatar_backend.parallel_worker"], capture_output=True, text=True)
-    assert set(after.stdout.split()) <= set(before.stdout.split())
+    assert _all_workers() <= before
 
 
 def test_workers_started_by_torchrun_give_the_same_latents(spec, reference, monkeypatch):
@@ -213,3 +212,29 @@ def test_workers_started_by_torchrun_give_the_same_latents(spec, reference, monk
             torchrun.kill()
     for a, b in zip(got, reference):
         assert torch.equal(a, b)
+
+
+def _all_workers() -> set[str]:
+    found = subprocess.run(["pgrep", "-f", "liveavatar_backend.parallel_worker"], capture_output=True, text=True)
+    return set(found.stdout.split())
+
+
+def test_command_line_on_two_cpu_workers_writes_the_video_and_leaves_no_worker(tiny, tmp_path):
+    import sys
+    from pathlib import Path
+
+    from liveavatar_backend.video import probe_mp4
+    examples = Path(__file__).resolve().parents[2] / "shared" / "examples"
+    if not examples.exists():
+        pytest.skip("../shared/examples not present")
+    out = tmp_path / "two.mp4"
+    before = _all_workers()                   # workers of this module's loaded engines, if any
+    run = subprocess.run([sys.executable, "-m", "liveavatar_backend", "generate", "--ckpt-dir", str(tiny / "Wan2.2-S2V-14B"),
+                          "--lora", str(tiny / "liveavatar.safetensors"), "--image", str(examples / "dwarven_blacksmith.jpg"),
+                          "--audio", str(examples / "dwarven_blacksmith.wav"), "--prompt", "A dwarf talks.",
+                          "--size", "384*256", "--num-clip", "1", "--steps", "2", "--device", "cpu,cpu", "--out", str(out)],
+                         cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert probe_mp4(out)["frames"] == 48 - 3
+    assert "2 pipeline workers ready on cpu, cpu" in run.stderr
+    assert _all_workers() <= before
