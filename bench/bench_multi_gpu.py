@@ -66,8 +66,9 @@ def run_job(workers: PipelineWorkers, plan: GenerationPlan, cfg: DiTConfig, deco
         if not first_block:
             first_block.append(time.perf_counter() - t0)
 
-    arrivals = []
+    arrivals, clips = [], []
     for clip in workers.sample(plan, text, ref, motion, audio, on_progress=on_progress):
+        clips.append(clip.float())
         if decoder is not None:
             decoder.decode(clip.to("cuda:0"))
         arrivals.append(time.perf_counter() - t0)
@@ -80,7 +81,7 @@ def run_job(workers: PipelineWorkers, plan: GenerationPlan, cfg: DiTConfig, deco
             "bubble": round(reports[0]["bubble"], 4),
             "compute_ms_per_rank": [round(r["compute_ms"], 1) for r in reports],
             "tick_ms_per_rank": [round(r["tick_ms"], 1) for r in reports],
-            "launch_ms_per_rank": [round(r["launch_ms"], 1) for r in reports]}
+            "launch_ms_per_rank": [round(r["launch_ms"], 1) for r in reports], "_clips": clips}
 
 
 def make_decoder(plan: GenerationPlan):
@@ -135,26 +136,30 @@ def main() -> None:
                     row["fits"] = True
                 except WorkerError as exc:
                     row.update(fits=False, error=str(exc).splitlines()[0][:300])
-                print(json.dumps(row), flush=True)
+                print(json.dumps({k: v for k, v in row.items() if k != "_clips"}), flush=True)
                 rows.append(row)
                 if not row["fits"] and args.cap_gb:
                     break
             workers.close()
-    for row in rows:                                 # speed-up against 1 GPU of the same build
+    for row in rows:                   # speed-up and output difference against 1 GPU of the same build
         single = next((r for r in rows if r["gpus"] == 1 and r["size"] == row["size"] and r["steps"] == row["steps"]
                        and r["mode"] == row["mode"] and r.get("fits")), None)
         if single and row.get("fits"):
             row["speedup_vs_1gpu"] = round(row["fps"] / single["fps"], 3)
+            row["max_rel_err_vs_1gpu"] = max(((a - b).norm() / b.norm()).item()
+                                             for a, b in zip(row["_clips"], single["_clips"]))
+    for row in rows:
+        row.pop("_clips", None)
     out = Path(args.out) / f"{device_name.replace(' ', '-')}-{date}-multi{'-cap' if args.cap_gb else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(rows, indent=1))
     print(f"\n{'gpus':>4} {'size':>8} {'st':>2} {'mode':>12} {'FPS':>6} {'x1gpu':>6} {'ms/blk-step':>11} "
-          f"{'TTFB s':>6} {'bubble':>6}  peak GB per GPU")
+          f"{'TTFB s':>6} {'bubble':>6} {'rel.err':>8}  peak GB per GPU")
     for r in rows:
         if r.get("fits"):
             print(f"{r['gpus']:>4} {r['size']:>8} {r['steps']:>2} {r['mode']:>12} {r['fps']:6.1f} "
                   f"{r.get('speedup_vs_1gpu', float('nan')):6.2f} {r['ms_per_block_step']:11.1f} {r['ttfb_s']:6.2f} "
-                  f"{r['bubble']:6.3f}  {r['peak_gb_per_gpu']}")
+                  f"{r['bubble']:6.3f} {r.get('max_rel_err_vs_1gpu', float('nan')):8.1e}  {r['peak_gb_per_gpu']}")
         else:
             print(f"{r['gpus']:>4} {r['size']:>8} {r['steps']:>2} {r['mode']:>12}  does not fit: {r['error'][:60]}")
 
