@@ -75,9 +75,11 @@ def run_job(workers: PipelineWorkers, plan: GenerationPlan, cfg: DiTConfig, deco
     steady = [b - a for a, b in zip(arrivals[1:], arrivals[2:])]   # clip 0 includes the pipeline fill
     clip_s = statistics.median(steady) if steady else arrivals[-1]
     reports = workers.last_reports
+    peaks = [round(r["peak_bytes"] / 1e9, 2) for r in reports]
     return {"fps": C.FRAMES_PER_CLIP / clip_s, "ms_per_block_step": 1000 * clip_s / (C.BLOCKS_PER_CLIP * plan.steps),
-            "ttfb_s": first_block[0], "total_s": arrivals[-1],
-            "peak_gb_per_gpu": [round(r["peak_bytes"] / 1e9, 2) for r in reports],
+            "ttfb_s": first_block[0], "ttff_s": first_block[0],       # DiT only: no decode in this script
+            "floor_ratio": None,                                       # the floor is bench_single_gpu.py's
+            "total_s": arrivals[-1], "peak_gb": max(peaks), "peak_gb_per_gpu": peaks,
             "bubble": round(reports[0]["bubble"], 4),
             "compute_ms_per_rank": [round(r["compute_ms"], 1) for r in reports],
             "tick_ms_per_rank": [round(r["tick_ms"], 1) for r in reports],
