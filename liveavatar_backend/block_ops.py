@@ -6,15 +6,25 @@ layers; fusing the float32 norm / modulation / RoPE / FP8-quantisation elementwi
 kernels. The eager path runs the very same functions, so compiled and eager cannot drift apart.
 
 Only the part that touches the caches (writes and attention over the cache) stays outside.
+The sink-key rotation and the audio injectors live here too (eager, each is a dozen small
+elementwise kernels per call).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .fp8 import fp8_linear
 from .layers import layer_norm as layer_norm32, rms_norm
 from .rope import apply_rope as rotate
+
+
+def linear_weights(layer: nn.Module) -> tuple:
+    """(weight, bias) of an nn.Linear, or (weight_fp8, inverse_scale, bias) of an FP8Linear."""
+    if hasattr(layer, "weight_fp8"):
+        return layer.weight_fp8, layer.weight_scale, layer.bias
+    return layer.weight, layer.bias
 
 
 def linear(x: torch.Tensor, weights: tuple) -> torch.Tensor:
@@ -58,6 +68,31 @@ def finish_block(x, attn_out, e0, modulation, o, norm3_weight, norm3_bias, cross
     return x32.to(dtype)
 
 
+def reference_keys(sink_k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The sink's un-rotated keys [1, heads, L, head_dim] rotated to its current temporal position.
+
+    Runs for every layer of every block-step (the sink's position rolls, spec §2.4); eager it is
+    about ten elementwise passes, compiled one."""
+    return rotate(sink_k.transpose(1, 2), cos, sin).transpose(1, 2)
+
+
+def audio_injection(x, audio_tokens, audio_global, adain, q, k, v, o, norm_q, norm_k,
+                    num_heads: int, eps: float, adain_eps: float):
+    """x plus one audio injector's output (spec §2.5.4): each latent frame's tokens attend to that
+    frame's audio tokens after a LayerNorm modulated by the frame's global audio token.
+
+    x [1, F*hw, dim]; audio_tokens [F, n+1, dim]; audio_global [F, dim]. No gate."""
+    frames = audio_tokens.shape[0]
+    per_frame = x.unflatten(1, (frames, -1)).squeeze(0)                       # [F, hw, dim]
+    shift, scale = linear(F.silu(audio_global), adain).float().chunk(2, dim=-1)
+    normed = (layer_norm32(per_frame, adain_eps) * (1 + scale[:, None]) + shift[:, None]).to(x.dtype)
+    qh = rms_norm(linear(normed, q), norm_q, eps).unflatten(-1, (num_heads, -1)).transpose(1, 2)
+    kh = rms_norm(linear(audio_tokens, k), norm_k, eps).unflatten(-1, (num_heads, -1)).transpose(1, 2)
+    vh = linear(audio_tokens, v).unflatten(-1, (num_heads, -1)).transpose(1, 2)
+    out = F.scaled_dot_product_attention(qh, kh, vh).transpose(1, 2).flatten(2)
+    return x + linear(out, o).flatten(0, 1).unsqueeze(0)
+
+
 _compiled: dict[str, object] = {}
 
 
@@ -70,14 +105,14 @@ def compiled(name: str):
     return _compiled.get(name) or globals()[name]
 
 
-def enable_compile(mode: str | None = None) -> None:
-    """Compile `attention_inputs` and `finish_block` (one graph each, shared by every layer).
+def enable_compile(mode: str | None = None, backend="inductor") -> None:
+    """Compile the per-layer functions (one graph each, shared by every layer).
 
     Inductor keeps its compiled code in its on-disk cache (TORCHINDUCTOR_CACHE_DIR), so the
     compile cost is paid once per machine, not once per run."""
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
-    for name in ("attention_inputs", "finish_block"):
-        _compiled[name] = torch.compile(globals()[name], mode=mode, dynamic=False, fullgraph=True)
+    for name in ("attention_inputs", "finish_block", "reference_keys", "audio_injection"):
+        _compiled[name] = torch.compile(globals()[name], mode=mode, backend=backend, dynamic=False, fullgraph=True)
 
 
 def disable_compile() -> None:

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import block_ops, rope
+from .block_ops import linear_weights
 from .config import DiTConfig
 from .kv_cache import CacheLayout, KVCacheBank, StepCache
 from .layers import AttentionWeights, CrossAttention, attention, layer_norm
@@ -29,13 +30,6 @@ from .model_audio import AudioInjector, CausalAudioEncoder
 
 ROLE_NOISY, ROLE_REFERENCE, ROLE_MOTION = 0, 1, 2     # rows of trainable_cond_mask (spec §2.2)
 FRAMEPACK_BUCKETS = (16, 2, 1)                         # oldest → newest motion latents (spec §2.6)
-
-
-def linear_weights(layer: nn.Module) -> tuple:
-    """(weight, bias) of an nn.Linear, or (weight_fp8, inverse_scale, bias) of an FP8Linear."""
-    if hasattr(layer, "weight_fp8"):
-        return layer.weight_fp8, layer.weight_scale, layer.bias
-    return layer.weight, layer.bias
 
 
 class SelfAttention(AttentionWeights):
@@ -249,13 +243,12 @@ class LiveAvatarDiT(nn.Module):
         for i in layers:
             def attend(q_rot, k_rot, k_raw, v, i=i):
                 cache.write_block(i, first_frame, k_rot, v)
-                ref_k = rope.apply_rope(bank.sink_ref_k[i].transpose(1, 2), ref_cos, ref_sin)
-                cache.write_reference(i, ref_k.transpose(1, 2))
+                cache.write_reference(i, block_ops.compiled("reference_keys")(bank.sink_ref_k[i], ref_cos, ref_sin))
                 keys, values = cache.active(i, first_frame, k_rot.shape[2])
                 return attention(q_rot, keys, values)
             x = self.blocks[i](x, e0, cos, sin, attend, text_kv[i])
             if i in self.injector_of_layer:
-                x = x + self.audio_injector.residual(self.injector_of_layer[i], x, audio_tokens, audio_global)
+                x = self.audio_injector.inject(self.injector_of_layer[i], x, audio_tokens, audio_global)
         return x
 
     def unembed(self, x: torch.Tensor, t: float, layout: CacheLayout) -> torch.Tensor:

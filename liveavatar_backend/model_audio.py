@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import block_ops
+from .block_ops import linear_weights
 from .layers import CrossAttention, layer_norm
 
 AUDIO_ADALN_EPS = 1e-5   # spec §8.7: the audio AdaLN uses 1e-5, everything else 1e-6
@@ -83,15 +85,12 @@ class CausalAudioEncoder(nn.Module):
 
 
 class AudioAdaLayerNorm(nn.Module):
-    """LayerNorm (no affine, eps 1e-5) modulated by the global audio token: shift first, then scale."""
+    """LayerNorm (no affine, eps 1e-5) modulated by the global audio token: shift first, then scale.
+    Holds the weights; the arithmetic is `block_ops.audio_injection`."""
 
     def __init__(self, dim: int):
         super().__init__()
         self.linear = nn.Linear(dim, 2 * dim)
-
-    def forward(self, x: torch.Tensor, audio_global: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.linear(F.silu(audio_global)).float().chunk(2, dim=-1)
-        return layer_norm(x, AUDIO_ADALN_EPS) * (1 + scale[:, None]) + shift[:, None]
 
 
 class AudioInjector(nn.Module):
@@ -99,16 +98,16 @@ class AudioInjector(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, num_injectors: int, eps: float = 1e-6):
         super().__init__()
+        self.num_heads, self.eps = num_heads, eps
         self.injector = nn.ModuleList([CrossAttention(dim, num_heads, eps) for _ in range(num_injectors)])
         self.injector_adain_layers = nn.ModuleList([AudioAdaLayerNorm(dim) for _ in range(num_injectors)])
 
-    def residual(self, index: int, x: torch.Tensor, audio_tokens: torch.Tensor,
-                 audio_global: torch.Tensor) -> torch.Tensor:
+    def inject(self, index: int, x: torch.Tensor, audio_tokens: torch.Tensor,
+               audio_global: torch.Tensor) -> torch.Tensor:
         """x [1, F*hw, dim] noisy tokens; audio_tokens [F, n+1, dim]; audio_global [F, dim].
-        Returns the residual to add, [1, F*hw, dim] in x's dtype."""
-        frames = audio_tokens.shape[0]
-        per_frame = x.unflatten(1, (frames, -1)).squeeze(0)           # [F, hw, dim]
-        normed = self.injector_adain_layers[index](per_frame, audio_global).to(x.dtype)
-        attn = self.injector[index]
-        out = attn(normed, attn.context_kv(audio_tokens))
-        return out.flatten(0, 1).unsqueeze(0)
+        Returns x with injector `index`'s output added, [1, F*hw, dim] in x's dtype."""
+        attn, adain = self.injector[index], self.injector_adain_layers[index]
+        return block_ops.compiled("audio_injection")(
+            x, audio_tokens, audio_global, linear_weights(adain.linear), linear_weights(attn.q),
+            linear_weights(attn.k), linear_weights(attn.v), linear_weights(attn.o),
+            attn.norm_q.weight, attn.norm_k.weight, self.num_heads, self.eps, AUDIO_ADALN_EPS)

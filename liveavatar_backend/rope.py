@@ -75,7 +75,15 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float = 10000.0,
                         for axis, n in enumerate(split)], dim=1)
     cos = torch.cos(angles).to(torch.float16).to(torch.float32)
     sin = torch.sin(angles).to(torch.float16).to(torch.float32)
-    return cos.to(device), sin.to(device)
+    return _to_device(cos, device), _to_device(sin, device)
+
+
+def _to_device(table: torch.Tensor, device) -> torch.Tensor:
+    """Tables are built on the host; a copy from pageable memory would make the CPU wait for the
+    GPU to drain its queue (once per denoising step), so GPU copies go through pinned memory."""
+    if device is None or torch.device(device).type != "cuda":
+        return table.to(device)
+    return table.pin_memory().to(device, non_blocking=True)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
