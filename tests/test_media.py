@@ -27,14 +27,57 @@ def vae(tmp_path_factory):
     return WanVAE.load(write_tiny_vae(tmp_path_factory.mktemp("vae") / "Wan2.1_VAE.pth", base_dim=4))
 
 
-def test_streaming_decode_equals_one_decode(vae):
+def _diffusers_decode(vae, latents):
+    """diffusers' own decode (one latent per decoder call), the reference for our chunked paths."""
+    z = (latents.float() * vae.std + vae.mean).to(vae.dtype)
+    return vae.model.decode(z).sample.float().clamp(-1, 1)
+
+
+def test_encode_in_larger_calls_equals_diffusers_encode(vae):
+    video = torch.rand(1, 3, 19, 64, 64) * 2 - 1                         # 19 frames -> 5 latents (2 dropped)
+    expected = (vae.model.encode(video).latent_dist.mean.float() - vae.mean) / vae.std
+    for frames_per_call in (4, 8, 24):
+        latents = vae.encode(video, frames_per_call)
+        assert latents.shape == (1, 16, 5, 8, 8)
+        torch.testing.assert_close(latents, expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="frames_per_call must be a multiple of 4"):
+        vae.encode(video, 6)
+
+
+def test_reference_latent_is_the_first_latent_of_the_static_motion_encode(vae):
+    portrait = torch.rand(1, 3, 1, 64, 64) * 2 - 1
+    motion = vae.encode(portrait.expand(-1, -1, 73, -1, -1))
+    assert motion.shape[2] == 19
+    torch.testing.assert_close(motion[:, :, :1], vae.encode(portrait), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("latents_per_call", [1, 2, 3, 12])
+def test_streaming_decode_equals_diffusers_decode(vae, latents_per_call):
     latents = vae.encode(torch.rand(1, 3, 9, 64, 64) * 2 - 1)           # 9 frames -> 3 latents
     assert latents.shape == (1, 16, 3, 8, 8)
-    whole = vae.decode(torch.cat([latents, latents], dim=2))
-    stream = vae.stream_decoder()
+    whole = _diffusers_decode(vae, torch.cat([latents, latents], dim=2))
+    stream = vae.stream_decoder(latents_per_call)
     parts = torch.cat([stream.decode(latents), stream.decode(latents)], dim=2)
     assert parts.shape == whole.shape == (1, 3, 21, 64, 64)
-    torch.testing.assert_close(parts, whole, rtol=0, atol=1e-6)
+    torch.testing.assert_close(parts, whole, rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_vae_traces_and_matches_eager(tmp_path):
+    vae = WanVAE.load(write_tiny_vae(tmp_path / "Wan2.1_VAE.pth", base_dim=4))
+    video = torch.rand(1, 3, 13, 32, 32) * 2 - 1
+    latents = vae.encode(video)
+    frames = vae.stream_decoder().decode(latents)
+    graphs = []
+
+    def record(graph_module, example_inputs):        # a dynamo backend that runs the traced graph as is
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    vae.enable_compile(backend=record)
+    torch.testing.assert_close(vae.encode(video), latents, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(vae.stream_decoder().decode(latents), frames, rtol=1e-5, atol=1e-5)
+    convs = [n for gm in graphs for n in gm.graph.nodes if "conv3d" in str(n.target)]
+    assert len(convs) > 10                           # the convolutions went through the traced graphs
 
 
 def test_vae_file_that_does_not_match_fails(tmp_path):
