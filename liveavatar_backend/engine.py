@@ -96,9 +96,10 @@ class ClipDecoder:
         self.stream.warm_up(warm_up_latents)
         self.frames_out = 0
 
-    def decode(self, clip_latents: torch.Tensor) -> torch.Tensor:
-        """[16, 12, H8, W8] -> frames [F, H, W, 3] float in [0, 1] on the CPU."""
-        video = self.stream.decode(clip_latents.unsqueeze(0))          # [1, 3, T, H, W] in [-1, 1]
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """The next latents of the video, [16, T, H8, W8] (a block or a clip) -> frames [4T, H, W, 3]
+        float in [0, 1] on the CPU (the first call drops the video's first 3 frames)."""
+        video = self.stream.decode(latents.unsqueeze(0))               # [1, 3, 4T, H, W] in [-1, 1]
         frames = ((video[0].float().clamp(-1, 1) + 1) / 2).permute(1, 2, 3, 0).cpu()
         if self.frames_out == 0:
             frames = frames[C.DROPPED_LEADING_FRAMES:]
@@ -160,6 +161,8 @@ class LiveAvatarEngine:
         audio = AudioFeatureExtractor.load(spec.audio_encoder, encoder_device, torch.float32)
         if on_gpu and dit is not None:
             block_ops.enable_compile()        # one graph per function for all layers (PERFORMANCE.md)
+        if on_gpu and not mode.offload_caches:
+            vae.enable_compile()              # halves the VAE's time; low_vram keeps the smaller eager peak
         return cls(dit, text, vae, audio, device, dtype, spec, mode, workers)
 
     def close(self) -> None:
@@ -182,9 +185,9 @@ class LiveAvatarEngine:
                                audio_frames=features.audio_frames_30hz(), max_clips=num_clips, steps=steps, seed=seed)
         pixels = preprocess_portrait(portrait, plan.height, plan.width).to(self.device)   # [3, H, W]
         with torch.no_grad():
-            ref = self.vae.encode(pixels[None, :, None])[0]                                # [16, 1, h, w]
-            motion = self.vae.encode(pixels[None, :, None].expand(-1, -1, C.MOTION_FRAMES, -1, -1))[0]
-            motion = motion[:, -C.MOTION_LATENTS:]
+            static = self.vae.encode(pixels[None, :, None].expand(-1, -1, C.MOTION_FRAMES, -1, -1))[0]
+            ref = static[:, :1]             # the first frame is encoded alone: = encoding the portrait itself
+            motion = static[:, -C.MOTION_LATENTS:]
             text_states = self._encode_prompt(prompt)
             text_kv = self.dit.text_context_kv(text_states) if self.dit is not None else None
         cond = Conditioning(ref.to(self.dtype), motion.to(self.dtype), text_kv,
