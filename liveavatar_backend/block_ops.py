@@ -96,10 +96,6 @@ def audio_injection(x, audio_tokens, audio_global, adain, q, k, v, o, norm_q, no
 _compiled: dict[str, object] = {}
 
 
-def eager(name: str):
-    return globals()[name]
-
-
 def compiled(name: str):
     """The compiled version of a function of this module once `enable_compile()` ran, else eager."""
     return _compiled.get(name) or globals()[name]

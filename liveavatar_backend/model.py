@@ -53,18 +53,15 @@ class DiTBlock(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(cfg.dim, cfg.ffn_dim), nn.GELU(approximate="tanh"),
                                  nn.Linear(cfg.ffn_dim, cfg.dim))
 
-    def forward(self, x: torch.Tensor, e0: torch.Tensor, cos, sin, attend, text_kv,
-                use_compiled: bool = True) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, e0: torch.Tensor, cos, sin, attend, text_kv) -> torch.Tensor:
         """x [1, L, dim]; e0 [6, dim] float32 (one modulation set for all tokens of the call);
-        `attend(q_rot, k_rot, k_raw, v) -> out` decides which keys/values the tokens see.
-        `use_compiled=False` forces eager code (the one-off sink prefill is not worth compiling)."""
+        `attend(q_rot, k_rot, k_raw, v) -> out` decides which keys/values the tokens see."""
         sa, ca = self.self_attn, self.cross_attn
-        pick = block_ops.compiled if use_compiled else block_ops.eager
-        q_rot, k_rot, k_raw, v = pick("attention_inputs")(
+        q_rot, k_rot, k_raw, v = block_ops.compiled("attention_inputs")(
             x, e0, self.modulation, linear_weights(sa.q), linear_weights(sa.k), linear_weights(sa.v),
             sa.norm_q.weight, sa.norm_k.weight, cos, sin, self.num_heads, self.eps)
         out = attend(q_rot, k_rot, k_raw, v)
-        return pick("finish_block")(
+        return block_ops.compiled("finish_block")(
             x, out, e0, self.modulation, linear_weights(sa.o), self.norm3.weight, self.norm3.bias,
             linear_weights(ca.q), ca.norm_q.weight, linear_weights(ca.o), text_kv[0], text_kv[1],
             linear_weights(self.ffn[0]), linear_weights(self.ffn[2]), self.num_heads, self.eps)
@@ -212,7 +209,7 @@ class LiveAvatarDiT(nn.Module):
                 for cache in bank.all_steps():
                     cache.write_cond(i, k_rot[:, :, layout.ref_len:], v)
                 return attention(q_rot, k_rot, v)
-            x = self.blocks[i](x, e0_zero, cos, sin, attend, text_kv[i], use_compiled=False)
+            x = self.blocks[i](x, e0_zero, cos, sin, attend, text_kv[i])   # compiled too: on the TTFF path
         return x
 
     # ------------------------------------------------------------------------- streaming blocks
