@@ -35,8 +35,12 @@ def _generate(args) -> int:
     bar = tqdm(total=plan.total_block_steps, unit="block-step", desc="generating")
     try:
         with Mp4Writer(args.out, plan.width, plan.height, fps=25, audio=(voice, 16000)) as writer:
-            for clip in engine.sample(job, on_progress=lambda e: bar.update(e.done - bar.n)):
-                writer.write(decoder.decode(clip))      # with several GPUs: overlaps the next clip's DiT
+            def on_progress(event):
+                bar.update(event.done - bar.n)
+                if event.latents is not None:   # a block is clean: its 12 frames are written at once
+                    writer.write(decoder.decode(event.latents))   # several GPUs: overlaps their DiT
+            for _ in engine.sample(job, on_progress=on_progress):
+                pass
     finally:
         bar.close()
         engine.close()
