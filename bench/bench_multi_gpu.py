@@ -28,6 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common import make_decoder                                         # noqa: E402
 from liveavatar_backend import constants as C                           # noqa: E402
 from liveavatar_backend.config import DiTConfig                         # noqa: E402
 from liveavatar_backend.parallel import PipelineWorkers, WorkerError    # noqa: E402
@@ -84,17 +85,6 @@ def run_job(workers: PipelineWorkers, plan: GenerationPlan, cfg: DiTConfig, deco
             "compute_ms_per_rank": [round(r["compute_ms"], 1) for r in reports],
             "tick_ms_per_rank": [round(r["tick_ms"], 1) for r in reports],
             "launch_ms_per_rank": [round(r["launch_ms"], 1) for r in reports], "_clips": clips}
-
-
-def make_decoder(plan: GenerationPlan):
-    """A full-size random Wan2.1 VAE on cuda:0 in this (the controller's) process, as the engine has it."""
-    from bench_ttff import random_module
-    from liveavatar_backend.engine import ClipDecoder
-    from liveavatar_backend.vae import WanVAE, build_vae
-    vae = WanVAE(random_module(build_vae(96), "cuda:0"), "cuda:0", torch.bfloat16)
-    warm = torch.randn(1, 16, C.WARM_UP_LATENTS, plan.height // 8, plan.width // 8, device="cuda:0",
-                       dtype=torch.bfloat16)
-    return ClipDecoder(vae, warm)
 
 
 def main() -> None:

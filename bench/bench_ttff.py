@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import random_dit                                          # noqa: E402
+from common import full_size_vae, random_dit, random_module             # noqa: E402
 from liveavatar_backend import block_ops                               # noqa: E402
 from liveavatar_backend import constants as C                          # noqa: E402
 from liveavatar_backend.audio import AudioFeatureExtractor             # noqa: E402
@@ -29,19 +29,10 @@ from liveavatar_backend.config import DiTConfig                        # noqa: E
 from liveavatar_backend.engine import ClipDecoder                      # noqa: E402
 from liveavatar_backend.pipeline import BlockSampler, Conditioning, GenerationPlan  # noqa: E402
 from liveavatar_backend.sizes import parse_size, target_size           # noqa: E402
-from liveavatar_backend.vae import WanVAE, build_vae                   # noqa: E402
 
 
 class FirstBlockDone(Exception):
     pass
-
-
-def random_module(module, device):
-    module = module.to_empty(device=device)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            p.copy_(torch.ones_like(p) if "norm" in name or "gamma" in name else torch.randn_like(p) * 0.02)
-    return module.to(torch.bfloat16).eval()
 
 
 def main() -> None:
@@ -65,7 +56,8 @@ def main() -> None:
     t5, w2v = random_module(t5, dev).to("cpu"), random_module(w2v, dev)
     for p in t5.parameters():
         p.data = p.data.pin_memory()
-    vae = WanVAE(random_module(build_vae(96), dev), dev, torch.bfloat16)
+    vae = full_size_vae(dev)
+    vae.enable_compile()                           # as the engine runs it outside low_vram
     audio = AudioFeatureExtractor(w2v, True, dev, torch.bfloat16)
     width, height = parse_size(args.size)
     H, W = target_size(400, 720, width * height)
@@ -88,8 +80,8 @@ def main() -> None:
             torch.cuda.synchronize(); marks["text"] = time.perf_counter() - t0
             features = audio.windows(voice)
             torch.cuda.synchronize(); marks["audio"] = time.perf_counter() - t0
-            ref = vae.encode(portrait[None, :, None])[0]
-            motion = vae.encode(portrait[None, :, None].expand(-1, -1, C.MOTION_FRAMES, -1, -1))[0][:, -C.MOTION_LATENTS:]
+            static = vae.encode(portrait[None, :, None].expand(-1, -1, C.MOTION_FRAMES, -1, -1))[0]
+            ref, motion = static[:, :1], static[:, -C.MOTION_LATENTS:]          # as the engine does
             torch.cuda.synchronize(); marks["vae_encode"] = time.perf_counter() - t0
             cond = Conditioning(ref.to(dit.dtype), motion.to(dit.dtype), text_kv,
                                 lambda first, count: features(first, count).to(dev))
@@ -106,7 +98,7 @@ def main() -> None:
             except FirstBlockDone:
                 pass
             torch.cuda.synchronize(); marks["first_block"] = time.perf_counter() - t0
-            frames = decoder.stream.decode(block["latents"][None])
+            frames = decoder.decode(block["latents"])
             torch.cuda.synchronize(); marks["first_frames_decoded"] = time.perf_counter() - t0
         return marks, frames.shape
 

@@ -8,8 +8,36 @@ import time
 
 import torch
 
+from liveavatar_backend import constants as C
 from liveavatar_backend.fixtures import random_dit  # noqa: F401  (used by the bench scripts)
 from liveavatar_backend.pipeline import Conditioning
+
+
+def random_module(module, device):
+    """A module's parameters as random bf16 values on `device` (norm gains 1, the rest N(0, 0.02))."""
+    module = module.to_empty(device=device)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            p.copy_(torch.ones_like(p) if "norm" in name or "gamma" in name else torch.randn_like(p) * 0.02)
+    return module.to(torch.bfloat16).eval()
+
+
+def full_size_vae(device="cuda"):
+    """The full-size Wan2.1 VAE (base width 96) with random weights, bf16, in the engine's layout."""
+    from liveavatar_backend.vae import WanVAE, build_vae
+    return WanVAE(random_module(build_vae(96), device), device, torch.bfloat16)
+
+
+def make_decoder(plan, device="cuda:0", vae=None):
+    """The engine's streaming decoder on a full-size random VAE (compiled, as in quality/balanced
+    mode, unless a VAE is given), primed with warm-up latents."""
+    from liveavatar_backend.engine import ClipDecoder
+    if vae is None:
+        vae = full_size_vae(device)
+        vae.enable_compile()
+    warm = torch.randn(1, 16, C.WARM_UP_LATENTS, plan.height // 8, plan.width // 8, device=device,
+                       dtype=torch.bfloat16)
+    return ClipDecoder(vae, warm)
 
 
 def synthetic_conditioning(model, height: int, width: int, seed: int = 0) -> Conditioning:
