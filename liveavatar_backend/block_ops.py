@@ -6,8 +6,8 @@ layers; fusing the float32 norm / modulation / RoPE / FP8-quantisation elementwi
 kernels. The eager path runs the very same functions, so compiled and eager cannot drift apart.
 
 Only the part that touches the caches (writes and attention over the cache) stays outside.
-The sink-key rotation and the audio injectors live here too (eager, each is a dozen small
-elementwise kernels per call).
+The sink-key rotation and the audio injectors live here too: run eagerly, each would be a dozen
+small elementwise kernels per call, for every layer of every block-step.
 """
 from __future__ import annotations
 
