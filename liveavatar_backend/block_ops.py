@@ -11,6 +11,9 @@ small elementwise kernels per call, for every layer of every block-step.
 """
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -94,6 +97,23 @@ def audio_injection(x, audio_tokens, audio_global, adain, q, k, v, o, norm_q, no
 
 
 _compiled: dict[str, object] = {}
+COMPILE_SWITCH = "LIVEAVATAR_COMPILE"      # "0": run eager PyTorch (slower, no first-run compilation)
+
+
+def compile_supported() -> tuple[bool, str]:
+    """(whether torch.compile may be used for GPU work here, why not). Inductor's GPU kernels
+    need Triton, which some installs lack (Windows wheels of PyTorch do not bring it)."""
+    if os.environ.get(COMPILE_SWITCH, "1").strip() == "0":
+        return False, f"{COMPILE_SWITCH}=0 is set"
+    try:
+        from torch.utils._triton import has_triton
+    except ImportError:                       # a PyTorch without this helper: is the package there?
+        available = importlib.util.find_spec("triton") is not None
+    else:
+        available = has_triton()
+    if not available:
+        return False, "Triton is not installed or does not support this GPU"
+    return True, ""
 
 
 def compiled(name: str):

@@ -159,10 +159,13 @@ class LiveAvatarEngine:
                 tensor.data = tensor.data.pin_memory()
         vae = WanVAE.load(spec.vae, device, dtype)
         audio = AudioFeatureExtractor.load(spec.audio_encoder, encoder_device, torch.float32)
-        if on_gpu and dit is not None:
+        compile_ok, why_not = block_ops.compile_supported() if on_gpu else (False, "")
+        if on_gpu and not compile_ok:
+            report(f"torch.compile is off ({why_not}): eager PyTorch, ≈1.5x slower (README, Troubleshooting)")
+        if compile_ok and dit is not None:
             block_ops.enable_compile()        # one graph per function for all layers (PERFORMANCE.md)
-        if on_gpu and not mode.offload_caches:
-            vae.enable_compile()              # halves the VAE's time; low_vram keeps the smaller eager peak
+        if compile_ok and not mode.offload_caches:
+            vae.enable_compile()              # 0.55x the VAE's time; low_vram keeps the smaller eager peak
         return cls(dit, text, vae, audio, device, dtype, spec, mode, workers)
 
     def close(self) -> None:

@@ -80,7 +80,7 @@ def load_stage_model(load: dict, rank: int, world: int, device: torch.device):
                        scale=load["lora_scale"], path_for_errors=load["lora"])
     if load["fp8"]:
         convert_to_fp8(dit, out_dtype=dtype)
-    if device.type == "cuda":
+    if device.type == "cuda" and block_ops.compile_supported()[0]:   # the controller says why not
         block_ops.enable_compile()
     return dit
 

@@ -70,3 +70,17 @@ def test_audio_injection_equals_the_module_formulation():
         got = injector.inject(1, x, audio_tokens, audio_global)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(got, x, atol=1e-3)        # the injector did contribute
+
+
+def test_compile_is_declined_with_a_reason(monkeypatch):
+    import torch.utils._triton as triton_probe
+    monkeypatch.setattr(triton_probe, "has_triton", lambda: True)
+    monkeypatch.delenv(block_ops.COMPILE_SWITCH, raising=False)
+    assert block_ops.compile_supported() == (True, "")
+    monkeypatch.setenv(block_ops.COMPILE_SWITCH, "0")
+    ok, why = block_ops.compile_supported()
+    assert not ok and "LIVEAVATAR_COMPILE=0" in why
+    monkeypatch.setenv(block_ops.COMPILE_SWITCH, "1")
+    monkeypatch.setattr(triton_probe, "has_triton", lambda: False)    # e.g. a Windows PyTorch wheel
+    ok, why = block_ops.compile_supported()
+    assert not ok and "Triton" in why
