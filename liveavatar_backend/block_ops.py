@@ -98,6 +98,16 @@ def audio_injection(x, audio_tokens, audio_global, adain, q, k, v, o, norm_q, no
 
 _compiled: dict[str, object] = {}
 COMPILE_SWITCH = "LIVEAVATAR_COMPILE"      # "0": run eager PyTorch (slower, no first-run compilation)
+# Compiled versions kept per function. Each size and weight format adds about two (streaming block
+# and sink prefill); with fullgraph=True, reaching dynamo's default of 8 would be an error, not a
+# fallback, in a long ComfyUI session that tries many sizes.
+RECOMPILE_LIMIT = 256
+
+
+def raise_recompile_limit() -> None:
+    config = torch._dynamo.config
+    config.cache_size_limit = max(config.cache_size_limit, RECOMPILE_LIMIT)
+    config.accumulated_cache_size_limit = max(config.accumulated_cache_size_limit, 4 * RECOMPILE_LIMIT)
 
 
 def compile_supported() -> tuple[bool, str]:
@@ -126,7 +136,7 @@ def enable_compile(mode: str | None = None, backend="inductor") -> None:
 
     Inductor keeps its compiled code in its on-disk cache (TORCHINDUCTOR_CACHE_DIR), so the
     compile cost is paid once per machine, not once per run."""
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
+    raise_recompile_limit()
     for name in ("attention_inputs", "finish_block", "reference_keys", "audio_injection"):
         _compiled[name] = torch.compile(globals()[name], mode=mode, backend=backend, dynamic=False, fullgraph=True)
 

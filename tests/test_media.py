@@ -27,6 +27,18 @@ def vae(tmp_path_factory):
     return WanVAE.load(write_tiny_vae(tmp_path_factory.mktemp("vae") / "Wan2.1_VAE.pth", base_dim=4))
 
 
+def _video(frames: int, size: int, seed: int = 0) -> torch.Tensor:
+    return torch.rand(1, 3, frames, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def _assert_same_function(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """float32 through ~30 convolutions whose algorithm depends on the chunk length: agreement to
+    rounding (a wrong cache or chunk boundary is off by 1e-1, not 1e-5)."""
+    assert actual.shape == expected.shape
+    assert ((actual - expected).norm() / expected.norm()).item() < 1e-5
+    torch.testing.assert_close(actual, expected, rtol=0, atol=1e-4)
+
+
 def _diffusers_decode(vae, latents):
     """diffusers' own decode (one latent per decoder call), the reference for our chunked paths."""
     z = (latents.float() * vae.std + vae.mean).to(vae.dtype)
@@ -34,18 +46,21 @@ def _diffusers_decode(vae, latents):
 
 
 def test_encode_in_larger_calls_equals_diffusers_encode(vae):
-    video = torch.rand(1, 3, 19, 64, 64) * 2 - 1                         # 19 frames -> 5 latents (2 dropped)
+    video = _video(19, 64)                                               # 19 frames -> 5 latents (2 dropped)
     expected = (vae.model.encode(video).latent_dist.mean.float() - vae.mean) / vae.std
     for frames_per_call in (4, 8, 24):
         latents = vae.encode(video, frames_per_call)
         assert latents.shape == (1, 16, 5, 8, 8)
-        torch.testing.assert_close(latents, expected, rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="frames_per_call must be a multiple of 4"):
-        vae.encode(video, 6)
+        _assert_same_function(latents, expected)
+    for bad in (6, 0, -4):
+        with pytest.raises(ValueError, match="frames_per_call must be a positive multiple of 4"):
+            vae.encode(video, bad)
+    with pytest.raises(ValueError, match="latents_per_call must be at least 1"):
+        vae.stream_decoder(0)
 
 
 def test_reference_latent_is_the_first_latent_of_the_static_motion_encode(vae):
-    portrait = torch.rand(1, 3, 1, 64, 64) * 2 - 1
+    portrait = _video(1, 64)
     motion = vae.encode(portrait.expand(-1, -1, 73, -1, -1))
     assert motion.shape[2] == 19
     torch.testing.assert_close(motion[:, :, :1], vae.encode(portrait), rtol=0, atol=0)
@@ -53,18 +68,18 @@ def test_reference_latent_is_the_first_latent_of_the_static_motion_encode(vae):
 
 @pytest.mark.parametrize("latents_per_call", [1, 2, 3, 12])
 def test_streaming_decode_equals_diffusers_decode(vae, latents_per_call):
-    latents = vae.encode(torch.rand(1, 3, 9, 64, 64) * 2 - 1)           # 9 frames -> 3 latents
+    latents = vae.encode(_video(9, 64, seed=1))                         # 9 frames -> 3 latents
     assert latents.shape == (1, 16, 3, 8, 8)
     whole = _diffusers_decode(vae, torch.cat([latents, latents], dim=2))
     stream = vae.stream_decoder(latents_per_call)
     parts = torch.cat([stream.decode(latents), stream.decode(latents)], dim=2)
     assert parts.shape == whole.shape == (1, 3, 21, 64, 64)
-    torch.testing.assert_close(parts, whole, rtol=1e-5, atol=1e-5)
+    _assert_same_function(parts, whole)
 
 
 def test_compiled_vae_traces_and_matches_eager(tmp_path):
     vae = WanVAE.load(write_tiny_vae(tmp_path / "Wan2.1_VAE.pth", base_dim=4))
-    video = torch.rand(1, 3, 13, 32, 32) * 2 - 1
+    video = _video(13, 32, seed=2)
     latents = vae.encode(video)
     frames = vae.stream_decoder().decode(latents)
     graphs = []
@@ -74,8 +89,8 @@ def test_compiled_vae_traces_and_matches_eager(tmp_path):
         return graph_module.forward
 
     vae.enable_compile(backend=record)
-    torch.testing.assert_close(vae.encode(video), latents, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(vae.stream_decoder().decode(latents), frames, rtol=1e-5, atol=1e-5)
+    _assert_same_function(vae.encode(video), latents)
+    _assert_same_function(vae.stream_decoder().decode(latents), frames)
     convs = [n for gm in graphs for n in gm.graph.nodes if "conv3d" in str(n.target)]
     assert len(convs) > 10                           # the convolutions went through the traced graphs
 
