@@ -29,6 +29,7 @@ from liveavatar_backend.config import DiTConfig                        # noqa: E
 from liveavatar_backend.engine import ClipDecoder                      # noqa: E402
 from liveavatar_backend.pipeline import BlockSampler, Conditioning, GenerationPlan  # noqa: E402
 from liveavatar_backend.sizes import parse_size, target_size           # noqa: E402
+from liveavatar_backend.vae import DECODE_LATENTS_PER_CALL, ENCODE_FRAMES_PER_CALL  # noqa: E402
 
 
 class FirstBlockDone(Exception):
@@ -40,6 +41,8 @@ def main() -> None:
     parser.add_argument("--size", default="704*384")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--audio-seconds", type=float, default=10.0)
+    parser.add_argument("--encode-frames-per-call", type=int, default=ENCODE_FRAMES_PER_CALL)
+    parser.add_argument("--decode-latents-per-call", type=int, default=DECODE_LATENTS_PER_CALL)
     parser.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     args = parser.parse_args()
     from accelerate import init_empty_weights
@@ -58,6 +61,7 @@ def main() -> None:
         p.data = p.data.pin_memory()
     vae = full_size_vae(dev)
     vae.enable_compile()                           # as the engine runs it outside low_vram
+    vae.encode_frames_per_call, vae.decode_latents_per_call = args.encode_frames_per_call, args.decode_latents_per_call
     audio = AudioFeatureExtractor(w2v, True, dev, torch.bfloat16)
     width, height = parse_size(args.size)
     H, W = target_size(400, 720, width * height)
@@ -107,7 +111,9 @@ def main() -> None:
     runs.sort(key=lambda m: m["first_frames_decoded"])
     median = runs[1]
     row = {"device": torch.cuda.get_device_name(), "gpus": 1, "size": f"{W}*{H}", "steps": args.steps,
-           "mode": "bf16-compiled", "audio_seconds": args.audio_seconds, "ttff_s": median["first_frames_decoded"],
+           "mode": "bf16-compiled", "audio_seconds": args.audio_seconds,
+           "vae_frames_per_encode_call": args.encode_frames_per_call,
+           "vae_latents_per_decode_call": args.decode_latents_per_call, "ttff_s": median["first_frames_decoded"],
            "ttff_breakdown_s": median, "peak_gb": torch.cuda.max_memory_allocated() / 1e9}
     print(json.dumps(row))
     out = Path(args.out) / f"ttff-{row['device'].replace(' ', '-')}.json"
