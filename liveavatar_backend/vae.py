@@ -191,7 +191,7 @@ class StreamDecoder:
     stream's very first latent goes alone (its temporal upsampling differs: 1 frame, not 4), so
     after it `latents_per_call` latents go through each call."""
 
-    def __init__(self, vae: WanVAE, latents_per_call: int = DECODE_LATENTS_PER_CALL):
+    def __init__(self, vae: WanVAE, latents_per_call: int):        # made by WanVAE.stream_decoder
         if latents_per_call < 1:
             raise ValueError(f"latents_per_call must be at least 1, got {latents_per_call}")
         self.vae, self.latents_per_call = vae, latents_per_call
