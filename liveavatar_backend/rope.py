@@ -90,11 +90,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """Rotate adjacent channel pairs of x [..., N, heads, head_dim] by per-token angles [N, head_dim/2].
 
     Computed in float32 (the official code uses float64 on bf16 inputs; after rounding back to
-    bf16 the two agree) and returned in x's dtype.
+    bf16 the two agree) and returned in x's dtype. Written as x·cos + swap(x)·(∓sin) with
+    swap(x) = (x1, x0, x3, x2, …) rather than by stacking the rotated pairs: compiled, a stack
+    becomes masked loads of every input per output channel (3.4× the memory-bound time at 704*384).
     """
-    pairs = x.float().unflatten(-1, (-1, 2))
-    even, odd = pairs[..., 0], pairs[..., 1]
-    cos = cos[:, None, :]
-    sin = sin[:, None, :]
-    rotated = torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1)
-    return rotated.flatten(-2).to(x.dtype)
+    x32 = x.float()
+    swapped = x32.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+    channel = torch.arange(x.shape[-1], device=x.device)
+    sign = (channel % 2) * 2 - 1                                   # −1 for even channels, +1 for odd
+    cos2 = cos.repeat_interleave(2, dim=-1)[:, None, :]
+    sin2 = (sin.repeat_interleave(2, dim=-1) * sign)[:, None, :]
+    return (x32 * cos2 + swapped * sin2).to(x.dtype)

@@ -59,6 +59,22 @@ def test_rope_tables_are_fp16_quantised_and_unbounded():
     assert torch.equal(cos[2, :22], cos4[0, :22]) and torch.equal(sin[2, :22], -sin4[0, :22])
 
 
+
+
+def test_apply_rope_is_the_official_complex_rotation():
+    """Adjacent channels (2i, 2i+1) as one complex number, multiplied by exp(i·angle) in float64
+    (the official `rope_apply`); ours runs in float32 and must agree to float32 rounding."""
+    pos = rope.noisy_positions(30, 3, 4, 6)
+    cos, sin = rope.rope_cos_sin(pos, 128)
+    x = torch.randn(1, pos.shape[0], 3, 128, generator=torch.Generator().manual_seed(0))
+    pairs = torch.view_as_complex(x.double().unflatten(-1, (-1, 2)).contiguous())
+    expected = torch.view_as_real(pairs * torch.complex(cos.double(), sin.double())[:, None]).flatten(-2)
+    got = rope.apply_rope(x, cos, sin)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(got, x, atol=1e-3)                 # the positions do rotate
+    low = x.bfloat16()                                            # bf16 in: float32 math, one rounding out
+    assert torch.equal(rope.apply_rope(low, cos, sin), rope.apply_rope(low.float(), cos, sin).bfloat16())
 class NaiveBank:
     """The official caches, written plainly: per step a list of (k, v) blocks in a 12-frame ring,
     plus one cond (k, v); attention over their concatenation."""
