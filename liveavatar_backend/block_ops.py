@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fp8 import fp8_linear
+from .fp8 import fp8_linear, fp8_linears
 from .layers import layer_norm as layer_norm32, rms_norm
 from .rope import apply_rope as rotate
 
@@ -36,6 +36,13 @@ def linear(x: torch.Tensor, weights: tuple) -> torch.Tensor:
     return fp8_linear(x, *weights)
 
 
+def linears(x: torch.Tensor, *weights: tuple) -> list[torch.Tensor]:
+    """x through several linears of one format; FP8 quantises x once for all of them."""
+    if len(weights[0]) == 2:
+        return [F.linear(x, w, b) for w, b in weights]
+    return fp8_linears(x, list(weights))
+
+
 def attention_inputs(x, e0, modulation, q, k, v, norm_q, norm_k, cos, sin, num_heads: int, eps: float):
     """Self-attention inputs of one block: modulated LayerNorm, q/k/v, RMS norms, RoPE.
 
@@ -44,9 +51,10 @@ def attention_inputs(x, e0, modulation, q, k, v, norm_q, norm_k, cos, sin, num_h
     mod = modulation[0].float() + e0
     h = layer_norm32(x, eps).to(dtype).float() * (1 + mod[1]) + mod[0]
     h = h.to(dtype)
-    qh = rms_norm(linear(h, q), norm_q, eps).unflatten(-1, (num_heads, -1))
-    kh = rms_norm(linear(h, k), norm_k, eps).unflatten(-1, (num_heads, -1))
-    vh = linear(h, v).unflatten(-1, (num_heads, -1))
+    q_out, k_out, v_out = linears(h, q, k, v)
+    qh = rms_norm(q_out, norm_q, eps).unflatten(-1, (num_heads, -1))
+    kh = rms_norm(k_out, norm_k, eps).unflatten(-1, (num_heads, -1))
+    vh = v_out.unflatten(-1, (num_heads, -1))
     return (rotate(qh, cos, sin).transpose(1, 2), rotate(kh, cos, sin).transpose(1, 2),
             kh.transpose(1, 2), vh.transpose(1, 2))
 
@@ -90,8 +98,9 @@ def audio_injection(x, audio_tokens, audio_global, adain, q, k, v, o, norm_q, no
     shift, scale = linear(F.silu(audio_global), adain).float().chunk(2, dim=-1)
     normed = (layer_norm32(per_frame, adain_eps) * (1 + scale[:, None]) + shift[:, None]).to(x.dtype)
     qh = rms_norm(linear(normed, q), norm_q, eps).unflatten(-1, (num_heads, -1)).transpose(1, 2)
-    kh = rms_norm(linear(audio_tokens, k), norm_k, eps).unflatten(-1, (num_heads, -1)).transpose(1, 2)
-    vh = linear(audio_tokens, v).unflatten(-1, (num_heads, -1)).transpose(1, 2)
+    k_out, v_out = linears(audio_tokens, k, v)
+    kh = rms_norm(k_out, norm_k, eps).unflatten(-1, (num_heads, -1)).transpose(1, 2)
+    vh = v_out.unflatten(-1, (num_heads, -1)).transpose(1, 2)
     out = F.scaled_dot_product_attention(qh, kh, vh).transpose(1, 2).flatten(2)
     return x + linear(out, o).flatten(0, 1).unsqueeze(0)
 

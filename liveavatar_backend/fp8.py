@@ -31,14 +31,24 @@ def quantize_per_tensor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def fp8_linear(x: torch.Tensor, w8: torch.Tensor, w_inv_scale: torch.Tensor, bias) -> torch.Tensor:
     """x @ W.T + bias with W stored as (w8, inverse scale) and x quantised per call (per tensor)."""
+    return fp8_linears(x, [(w8, w_inv_scale, bias)])[0]
+
+
+def fp8_linears(x: torch.Tensor, weights: list[tuple]) -> list[torch.Tensor]:
+    """x through several FP8 linears: x is quantised once (the same per-tensor scale each call would
+    compute), so q, k and v of one input cost one quantisation pass, not three."""
     flat = x.reshape(-1, x.shape[-1])
     x8, x_inv_scale = quantize_per_tensor(flat)
-    if x.is_cuda:
-        out = torch._scaled_mm(x8, w8.t(), scale_a=x_inv_scale, scale_b=w_inv_scale, bias=bias,
-                               out_dtype=x.dtype, use_fast_accum=True)
-    else:   # no FP8 matrix units here: the same quantised values, multiplied in float32
-        out = F.linear(x8.float() * x_inv_scale, w8.float() * w_inv_scale, None if bias is None else bias.float())
-    return out.to(x.dtype).reshape(*x.shape[:-1], -1)
+    outs = []
+    for w8, w_inv_scale, bias in weights:
+        if x.is_cuda:
+            out = torch._scaled_mm(x8, w8.t(), scale_a=x_inv_scale, scale_b=w_inv_scale, bias=bias,
+                                   out_dtype=x.dtype, use_fast_accum=True)
+        else:   # no FP8 matrix units here: the same quantised values, multiplied in float32
+            out = F.linear(x8.float() * x_inv_scale, w8.float() * w_inv_scale,
+                           None if bias is None else bias.float())
+        outs.append(out.to(x.dtype).reshape(*x.shape[:-1], -1))
+    return outs
 
 
 class FP8Linear(nn.Module):
