@@ -43,34 +43,45 @@ def plan_for(size: str, steps: int, clips: int) -> GenerationPlan:
     return GenerationPlan(*target_size(*PORTRAIT_HW, width * height), clips, steps, seed=0)
 
 
-def run_clips(model, plan: GenerationPlan, offload: bool = False, graphs: bool = False, vae=None):
-    """Generate; returns (clean latents of every block, seconds per block, seconds to first block,
-    decode seconds per block). With a `vae`, every block is decoded as it finishes (as the CLI
-    does), inside its time; its decode is also timed on its own."""
+def run_clips(model, plan: GenerationPlan, offload: bool = False, graphs: bool = False, vae=None,
+              overlap: bool = False):
+    """Generate; returns (clean latents of every block, seconds per block, seconds to first frame,
+    decode seconds per block). With a `vae`, every block is decoded as it finishes, inside its
+    time: in line (decode timed on its own too), or with `overlap` as the CLI does it, on the
+    decoder's stream while the next block denoises (then only block 0's frames are waited for,
+    for the time to first frame, and no decode time of its own is measured)."""
     cond = synthetic_conditioning(model, plan.height, plan.width)
     decoder = make_decoder(plan, vae=vae) if vae is not None else None     # primed: 7 latents decoded
     blocks, times, decode_times = [], [], []
     torch.cuda.synchronize()                    # the priming stays out of the time to first block
     t0 = last = time.perf_counter()
+    ttff = None
 
     def on_progress(event):
-        nonlocal last
-        if event.latents is not None:
-            if decoder is not None:
-                torch.cuda.synchronize()
-                start = time.perf_counter()
-                decoder.decode(event.latents)
-                torch.cuda.synchronize()
-                decode_times.append(time.perf_counter() - start)
+        nonlocal last, ttff
+        if event.latents is None:
+            return
+        if decoder is not None and overlap:
+            decoder.submit(event.latents)
+            decoder.collect(wait=ttff is None)
+        elif decoder is not None:
             torch.cuda.synchronize()
-            now = time.perf_counter()
-            times.append(now - last)
-            last = now
-            blocks.append(event.latents.float().cpu())
+            start = time.perf_counter()
+            decoder.decode(event.latents)
+            torch.cuda.synchronize()
+            decode_times.append(time.perf_counter() - start)
+        torch.cuda.current_stream().synchronize()            # the DiT's stream, not the decoder's
+        now = time.perf_counter()
+        ttff = now - t0 if ttff is None else ttff
+        times.append(now - last)
+        last = now
+        blocks.append(event.latents.float().cpu())
 
     for _ in BlockSampler(model, plan, cond, offload_caches=offload, cuda_graphs=graphs).clips(on_progress=on_progress):
         pass
-    return blocks, times, times[0] + (last - t0 - sum(times)), decode_times
+    if decoder is not None:
+        decoder.collect(wait=True)
+    return blocks, times, ttff, decode_times
 
 
 def profile_clip(model, plan: GenerationPlan, offload: bool, path: Path) -> None:
@@ -104,6 +115,8 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="also profile one clip per case and mode")
     parser.add_argument("--decode", action="store_true",
                         help="VAE-decode every block (full-size random Wan2.1 VAE): FPS and TTFF include the decode")
+    parser.add_argument("--overlap", action="store_true",
+                        help="with --decode: decode on the decoder's own CUDA stream while the next block denoises (the CLI's way)")
     parser.add_argument("--decode-latents-per-call", type=int, default=DECODE_LATENTS_PER_CALL,
                         help="latents per VAE decoder call (default: the engine's)")
     args = parser.parse_args()
@@ -115,6 +128,8 @@ def main() -> None:
         compiled_vae = copy.copy(eager_vae)
         compiled_vae.enable_compile()
     rows, floors, reference = [], {}, {}
+    overlapped = args.decode and args.overlap
+    decode_label = "+decode-overlap" if overlapped else "+decode" if args.decode else ""
     for mode in args.modes.split(","):
         if mode.startswith("fp8") and not hasattr(model.blocks[0].ffn[0], "weight_fp8"):
             convert_to_fp8(model)
@@ -134,11 +149,11 @@ def main() -> None:
             torch.cuda.set_per_process_memory_fraction(min(1.0, cap * 1e9 / total) if cap else 1.0)
             if "-compiled" in mode:
                 t = time.perf_counter()
-                run_clips(model, plan_for(size, steps, 2), offload, graphs, vae)   # warm-up: compiles
+                run_clips(model, plan_for(size, steps, 2), offload, graphs, vae, args.overlap)   # warm-up: compiles
                 compile_s = time.perf_counter() - t
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-            blocks, times, ttff, decode_times = run_clips(model, plan, offload, graphs, vae)
+            blocks, times, ttff, decode_times = run_clips(model, plan, offload, graphs, vae, args.overlap)
             if args.profile:
                 profile_clip(model, plan_for(size, steps, 1), offload, Path(args.out) / f"profile-{mode}-{size.replace('*', 'x')}.txt")
             # steady state: clip 0 holds the prefill; with CUDA graphs clip 1 holds their captures
@@ -146,9 +161,10 @@ def main() -> None:
             if len(times) <= skip:
                 raise SystemExit(f"--clips {args.clips} leaves no steady-state block for {mode}; use --clips {skip // C.BLOCKS_PER_CLIP + 2}")
             block_s = statistics.median(times[skip:])
+            # DiT alone: block time minus its in-line decode (overlapped, the two cannot be told apart)
             dit_s = statistics.median([t - d for t, d in zip(times[skip:], decode_times[skip:])]) \
                 if decode_times else block_s
-            decode_s = statistics.median(decode_times[skip:]) if decode_times else 0.0
+            decode_s = statistics.median(decode_times[skip:]) if decode_times else None
             fp8 = mode.startswith("fp8")
             if (size, fp8) not in floors:
                 floors[(size, fp8)] = step_floor_ms(plan.layout, model.cfg, fp8=fp8)["step_ms"]
@@ -157,10 +173,10 @@ def main() -> None:
                 reference[(size, steps)] = blocks
             err = relative_errors(blocks, reference[(size, steps)]) if (size, steps) in reference else None
             row = {"device": torch.cuda.get_device_name(), "gpus": 1, "size": f"{plan.width}*{plan.height}",
-                   "steps": steps, "mode": mode + ("+decode" if args.decode else ""), "clips": args.clips, "fps": C.FRAMES_PER_BLOCK / block_s,
+                   "steps": steps, "mode": mode + decode_label, "clips": args.clips, "fps": C.FRAMES_PER_BLOCK / block_s,
                    "ms_per_block_step": 1000 * dit_s / steps, "ttff_s": ttff,
-                   "decode_ms_per_block": 1000 * decode_s if args.decode else None,
-                   "fps_dit_only": C.FRAMES_PER_BLOCK / dit_s,
+                   "decode_ms_per_block": None if decode_s is None else 1000 * decode_s,
+                   "fps_dit_only": None if overlapped else C.FRAMES_PER_BLOCK / dit_s,
                    "ttff_includes": "prefill + first block" + (" + its decode" if args.decode else ", DiT only"),
                    "decode_latents_per_call": eager_vae.decode_latents_per_call if args.decode else None,
                    "compile_s": compile_s,
@@ -174,14 +190,16 @@ def main() -> None:
     out = Path(args.out) / f"{name}-{datetime.date.today().isoformat()}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(rows, indent=1))
-    print("FPS: DiT + decode (with --decode); ms/blk-step and ratio: DiT alone, against the floor")
-    print(f"\n{'size':>9} {'steps':>5} {'mode':>22} {'FPS':>6} {'FPS DiT':>7} {'dec ms':>6} {'ms/blk-step':>11} "
+    print("FPS: DiT + decode (with --decode); ms/blk-step and ratio: DiT alone against the floor "
+          "(DiT + overlapped decode with --overlap)")
+    print(f"\n{'size':>9} {'steps':>5} {'mode':>30} {'FPS':>6} {'FPS DiT':>7} {'dec ms':>6} {'ms/blk-step':>11} "
           f"{'TTFF s':>7} {'peak GB':>8} {'floor':>6} {'ratio':>6} {'rel.err':>8} {'compile s':>9}")
     for r in rows:
         err = "-" if r["max_rel_err_vs_bf16_eager"] is None else f"{r['max_rel_err_vs_bf16_eager']:.1e}"
         comp = "-" if r["compile_s"] is None else f"{r['compile_s']:.0f}"
         dec = "-" if r["decode_ms_per_block"] is None else f"{r['decode_ms_per_block']:.0f}"
-        print(f"{r['size']:>9} {r['steps']:>5} {r['mode']:>22} {r['fps']:6.1f} {r['fps_dit_only']:7.1f} {dec:>6} "
+        dit = "-" if r["fps_dit_only"] is None else f"{r['fps_dit_only']:.1f}"
+        print(f"{r['size']:>9} {r['steps']:>5} {r['mode']:>30} {r['fps']:6.1f} {dit:>7} {dec:>6} "
               f"{r['ms_per_block_step']:11.1f} "
               f"{r['ttff_s']:7.2f} {r['peak_gb']:8.1f} {r['floor_step_ms']:6.1f} {r['floor_ratio']:6.2f} {err:>8} {comp:>9}")
 

@@ -26,7 +26,7 @@ from liveavatar_backend import block_ops                               # noqa: E
 from liveavatar_backend import constants as C                          # noqa: E402
 from liveavatar_backend.audio import AudioFeatureExtractor             # noqa: E402
 from liveavatar_backend.config import DiTConfig                        # noqa: E402
-from liveavatar_backend.engine import ClipDecoder                      # noqa: E402
+from liveavatar_backend.clip_decoder import ClipDecoder                # noqa: E402
 from liveavatar_backend.pipeline import BlockSampler, Conditioning, GenerationPlan  # noqa: E402
 from liveavatar_backend.sizes import parse_size, target_size           # noqa: E402
 from liveavatar_backend.vae import DECODE_LATENTS_PER_CALL, ENCODE_FRAMES_PER_CALL  # noqa: E402

@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import cuda_time_ms, full_size_vae                       # noqa: E402
+from common import cuda_time_ms, full_size_vae, write_rows           # noqa: E402
 from liveavatar_backend import constants as C                        # noqa: E402
 from liveavatar_backend.sizes import parse_size, target_size         # noqa: E402
 
@@ -113,9 +113,7 @@ def main() -> None:
                 print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18), flush=True)
             del vae
             torch.cuda.empty_cache()
-    out = Path(args.out) / f"vae-{rows[0]['device'].replace(' ', '-')}-{datetime.date.today().isoformat()}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(rows, indent=1))
+    write_rows(Path(args.out) / f"vae-{rows[0]['device'].replace(' ', '-')}-{datetime.date.today().isoformat()}.json", rows)
     print(f"\n{'size':>9} {'pass':>6} {'per call':>8} {'variant':>15} {'ms':>8} {'peak GB':>8} {'rel.err':>8}")
     for r in rows:
         print(f"{r['size']:>9} {r['pass']:>6} {r['per_call']:>8} {r['variant']:>15} {r['ms']:8.1f} "

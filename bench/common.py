@@ -31,7 +31,7 @@ def full_size_vae(device="cuda"):
 def make_decoder(plan, device="cuda:0", vae=None):
     """The engine's streaming decoder on a full-size random VAE (compiled, as in quality/balanced
     mode, unless a VAE is given), primed with warm-up latents."""
-    from liveavatar_backend.engine import ClipDecoder
+    from liveavatar_backend.clip_decoder import ClipDecoder
     if vae is None:
         vae = full_size_vae(device)
         vae.enable_compile()
@@ -51,6 +51,15 @@ def synthetic_conditioning(model, height: int, width: int, seed: int = 0) -> Con
     with torch.no_grad():
         text_kv = model.text_context_kv(text)
     return Conditioning(ref, motion, text_kv, lambda first, count: audio[..., :count])
+
+
+def write_rows(path, rows: list[dict]) -> None:
+    """A bench's rows as a JSON list (bench/results/…), the folder made if needed."""
+    import json
+    from pathlib import Path
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(rows, indent=1))
 
 
 def cuda_time_ms(fn, warmup: int = 3, repeat: int = 10) -> float:

@@ -37,10 +37,14 @@ def _generate(args) -> int:
         with Mp4Writer(args.out, plan.width, plan.height, fps=25, audio=(voice, 16000)) as writer:
             def on_progress(event):
                 bar.update(event.done - bar.n)
-                if event.latents is not None:   # a block is clean: its 12 frames are written at once
-                    writer.write(decoder.decode(event.latents))   # several GPUs: overlaps their DiT
+                if event.latents is not None:   # a block is clean: it decodes while the next one denoises
+                    decoder.submit(event.latents)
+                    for frames in decoder.collect():
+                        writer.write(frames)
             for _ in engine.sample(job, on_progress=on_progress):
                 pass
+            for frames in decoder.collect(wait=True):
+                writer.write(frames)
     finally:
         bar.close()
         engine.close()

@@ -3,8 +3,9 @@ nodes share.
 
     engine = LiveAvatarEngine.load(ModelSpec.from_folder(ckpt_dir, lora=lora_path), device="cuda")
     job = engine.prepare(portrait, audio_16k, prompt, size="384*256", num_clips=0, steps=4, seed=420)
+    decoder = engine.decoder(job.decoder_warm_up)
     for clip_latents in engine.sample(job):
-        frames = job.decoder.decode(clip_latents)   # [F, H, W, 3] in [0, 1]
+        frames = decoder.decode(clip_latents)       # [F, H, W, 3] in [0, 1]; or submit() / collect()
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import torch
 from . import block_ops
 from . import constants as C
 from .audio import AudioFeatureExtractor
+from .clip_decoder import ClipDecoder
 from .errors import CheckpointError, InputError
 from .fp8 import convert_to_fp8
 from .image import preprocess_portrait
@@ -83,28 +85,6 @@ class Job:
     plan: GenerationPlan
     cond: Conditioning
     decoder_warm_up: torch.Tensor       # [1, 16, 7, H8, W8] static portrait latents (spec §3.7)
-
-
-class ClipDecoder:
-    """Streams clip latents through the VAE, dropping the first 3 frames of the video (spec §3.7).
-
-    The causal conv caches are primed with the static motion latents first (the official TPP
-    path), so memory stays bounded however long the video is."""
-
-    def __init__(self, vae: WanVAE, warm_up_latents: torch.Tensor):
-        self.stream = vae.stream_decoder()
-        self.stream.warm_up(warm_up_latents)
-        self.frames_out = 0
-
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """The next latents of the video, [16, T, H8, W8] (a block or a clip) -> frames [4T, H, W, 3]
-        float in [0, 1] on the CPU (the first call drops the video's first 3 frames)."""
-        video = self.stream.decode(latents.unsqueeze(0))               # [1, 3, 4T, H, W] in [-1, 1]
-        frames = ((video[0].float().clamp(-1, 1) + 1) / 2).permute(1, 2, 3, 0).cpu()
-        if self.frames_out == 0:
-            frames = frames[C.DROPPED_LEADING_FRAMES:]
-        self.frames_out += frames.shape[0]
-        return frames
 
 
 class LiveAvatarEngine:

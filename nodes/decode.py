@@ -18,6 +18,16 @@ from .loader import LiveAvatarModel
 from .upscale import METHODS, even, resize_frames
 
 
+def decoded_clips(decoder, clips):
+    """Frames [F, H, W, 3] of each clip, in order. The next clip decodes on the GPU (on the decoder's
+    stream) while the caller stores or encodes the frames it was given; interruptible between clips."""
+    for clip in clips:
+        mm.throw_exception_if_processing_interrupted()
+        decoder.submit(clip)
+        yield from decoder.collect()
+    yield from decoder.collect(wait=True)
+
+
 class LiveAvatarVAEDecodeClips(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -42,9 +52,7 @@ class LiveAvatarVAEDecodeClips(io.ComfyNode):
         frames = None
         written = 0
         bar = comfy.utils.ProgressBar(max(1, info.get("num_clips", 1)))
-        for index, clip in enumerate(clips_of(clips)):
-            mm.throw_exception_if_processing_interrupted()
-            chunk = decoder.decode(clip)
+        for index, chunk in enumerate(decoded_clips(decoder, clips_of(clips))):
             if frames is None:
                 frames = torch.empty(info["num_frames"], *chunk.shape[1:])
             frames[written: written + chunk.shape[0]] = chunk
@@ -91,9 +99,7 @@ class LiveAvatarSaveVideo(io.ComfyNode):
         bar = comfy.utils.ProgressBar(info["num_clips"])
         with Mp4Writer(path, width, height, fps=info["fps"],
                        audio=(audio["waveform"][0, 0], audio["sample_rate"]), crf=crf) as writer:
-            for index, clip in enumerate(clip_iter):
-                mm.throw_exception_if_processing_interrupted()
-                frames = decoder.decode(clip)
+            for index, frames in enumerate(decoded_clips(decoder, clip_iter)):
                 if frames.shape[1:3] != (height, width):
                     frames = resize_frames(frames, height, width, method)
                 writer.write(frames)

@@ -77,6 +77,37 @@ def test_streaming_decode_equals_diffusers_decode(vae, latents_per_call):
     _assert_same_function(parts, whole)
 
 
+def test_clip_decoder_overlapped_equals_in_line_and_drops_the_leading_frames(vae):
+    """submit/collect hands back exactly what decode() gives, in order: a primed stream, the first
+    3 frames of the video dropped, frames [F, H, W, 3] in [0, 1] on the CPU."""
+    from liveavatar_backend.clip_decoder import ClipDecoder
+    latents = vae.encode(_video(25, 64, seed=3))[0]                      # [16, 7, 8, 8]
+    warm, blocks = latents[:, :3], [latents[:, 3:5], latents[:, 5:7], latents[:, 3:4]]
+    in_line = ClipDecoder(vae, warm[None])
+    expected = [in_line.decode(b) for b in blocks]
+    assert [f.shape for f in expected] == [(5, 64, 64, 3), (8, 64, 64, 3), (4, 64, 64, 3)]
+    assert all(f.device.type == "cpu" and 0 <= f.min() and f.max() <= 1 for f in expected)
+    stream = vae.stream_decoder()
+    stream.warm_up(warm[None])
+    reference = (stream.decode(latents[None, :, 3:7])[0] + 1) / 2          # blocks 0 and 1 at once
+    _assert_same_function(torch.cat(expected[:2]), reference.permute(1, 2, 3, 0)[3:])
+    overlapped = ClipDecoder(vae, warm[None], max_in_flight=1)
+    got = []
+    for b in blocks:
+        overlapped.submit(b)
+        got += overlapped.collect()
+    got += overlapped.collect(wait=True)
+    assert overlapped.collect(wait=True) == []
+    assert len(got) == 3
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    overlapped.submit(blocks[0])
+    with pytest.raises(RuntimeError, match="collect"):
+        overlapped.decode(blocks[0])
+    with pytest.raises(ValueError, match="max_in_flight"):
+        ClipDecoder(vae, warm[None], max_in_flight=0)
+
+
 def test_compiled_vae_traces_and_matches_eager(tmp_path):
     vae = WanVAE.load(write_tiny_vae(tmp_path / "Wan2.1_VAE.pth", base_dim=4))
     video = _video(13, 32, seed=2)
