@@ -120,6 +120,10 @@ def main() -> None:
     block = random_module(block, "cuda").requires_grad_(False)      # inference graphs, as in the engine
     inputs = layer_inputs(cfg, layout)
     for mode in args.modes.split(","):
+        if mode not in ("bf16", "fp8"):
+            raise SystemExit(f"--modes: unknown mode {mode!r}; use bf16, fp8 or bf16,fp8")
+        if mode == "bf16" and hasattr(block.ffn[0], "weight_fp8"):
+            raise SystemExit("--modes: list bf16 before fp8 (the conversion to FP8 is in place)")
         if mode == "fp8" and not hasattr(block.ffn[0], "weight_fp8"):
             convert_to_fp8(block)
         first, second, mm_first, mm_second = calls(block, inputs)

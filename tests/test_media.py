@@ -108,6 +108,33 @@ def test_clip_decoder_overlapped_equals_in_line_and_drops_the_leading_frames(vae
         ClipDecoder(vae, warm[None], max_in_flight=0)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the overlapped decode's stream logic needs a CUDA GPU")
+def test_clip_decoder_on_its_cuda_stream_waits_for_the_latents_and_keeps_them(tmp_path):
+    """The latents come out of a long queue of work on the caller's stream and are dropped, their
+    memory overwritten, right after submit: the decode must still see the right values."""
+    from liveavatar_backend.clip_decoder import ClipDecoder
+    vae = WanVAE.load(write_tiny_vae(tmp_path / "Wan2.1_VAE.pth", base_dim=4), device="cuda")
+    latents = vae.encode(_video(25, 64, seed=4).cuda())[0]
+    warm, blocks = latents[:, :3], [latents[:, 3:5], latents[:, 5:7]]
+    in_line = ClipDecoder(vae, warm[None])
+    expected = [in_line.decode(b) for b in blocks]
+    overlapped = ClipDecoder(vae, warm[None])
+    got, trash = [], []
+    for b in blocks:
+        slow = torch.randn(2048, 2048, device="cuda")
+        for _ in range(30):                          # tens of ms queued before the latents exist
+            slow = torch.tanh(slow @ slow)
+        late = b + slow.sum() * 0                    # the same values, made at the end of that queue
+        overlapped.submit(late)
+        del late                                     # same-size NaN tensors would take its memory
+        trash += [torch.full_like(b, float("nan")) for _ in range(4)]    # if it were not protected
+        got += overlapped.collect()
+    got += overlapped.collect(wait=True)
+    assert len(got) == 2 and all(f.is_pinned() for f in got)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_compiled_vae_traces_and_matches_eager(tmp_path):
     vae = WanVAE.load(write_tiny_vae(tmp_path / "Wan2.1_VAE.pth", base_dim=4))
     video = _video(13, 32, seed=2)

@@ -59,8 +59,6 @@ def test_rope_tables_are_fp16_quantised_and_unbounded():
     assert torch.equal(cos[2, :22], cos4[0, :22]) and torch.equal(sin[2, :22], -sin4[0, :22])
 
 
-
-
 def test_apply_rope_is_the_official_complex_rotation():
     """Adjacent channels (2i, 2i+1) as one complex number, multiplied by exp(i·angle) in float64
     (the official `rope_apply`); ours runs in float32 and must agree to float32 rounding."""
@@ -75,6 +73,8 @@ def test_apply_rope_is_the_official_complex_rotation():
     assert not torch.allclose(got, x, atol=1e-3)                 # the positions do rotate
     low = x.bfloat16()                                            # bf16 in: float32 math, one rounding out
     assert torch.equal(rope.apply_rope(low, cos, sin), rope.apply_rope(low.float(), cos, sin).bfloat16())
+
+
 class NaiveBank:
     """The official caches, written plainly: per step a list of (k, v) blocks in a 12-frame ring,
     plus one cond (k, v); attention over their concatenation."""
