@@ -39,14 +39,14 @@ def fp8_linears(x: torch.Tensor, weights: list[tuple]) -> list[torch.Tensor]:
     compute), so q, k and v of one input cost one quantisation pass, not three."""
     flat = x.reshape(-1, x.shape[-1])
     x8, x_inv_scale = quantize_per_tensor(flat)
+    x_dequantised = None if x.is_cuda else x8.float() * x_inv_scale
     outs = []
     for w8, w_inv_scale, bias in weights:
         if x.is_cuda:
             out = torch._scaled_mm(x8, w8.t(), scale_a=x_inv_scale, scale_b=w_inv_scale, bias=bias,
                                    out_dtype=x.dtype, use_fast_accum=True)
         else:   # no FP8 matrix units here: the same quantised values, multiplied in float32
-            out = F.linear(x8.float() * x_inv_scale, w8.float() * w_inv_scale,
-                           None if bias is None else bias.float())
+            out = F.linear(x_dequantised, w8.float() * w_inv_scale, None if bias is None else bias.float())
         outs.append(out.to(x.dtype).reshape(*x.shape[:-1], -1))
     return outs
 
