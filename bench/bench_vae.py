@@ -11,10 +11,13 @@ Each row's output is compared with the first row of its size and pass (by defaul
 float32), so only bf16 rounding and algorithm choice may differ.
 
     python bench/bench_vae.py --sizes 384*256,704*384 --encode-chunks 4,24 --decode-chunks 1,3
+    python bench/bench_vae.py --sizes 704*384 --encode-chunks 4 --decode-chunks 1 \
+        --variants ndhwc-compiled-heuristic,ndhwc-compiled
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -29,23 +32,29 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import cuda_time_ms, full_size_vae, write_rows           # noqa: E402
 from liveavatar_backend import constants as C                        # noqa: E402
+from liveavatar_backend import vae as vae_module                     # noqa: E402
 from liveavatar_backend.sizes import parse_size, target_size         # noqa: E402
 
 PORTRAIT_HW = (400, 720)
+AUTOTUNE = vae_module.cudnn_autotune
 
 
 def make_vae(variant: str):
-    """'ncdhw' (diffusers' layout), 'ndhwc' (the engine's layout on a GPU), 'ndhwc-compiled' (+ torch.compile,
-    as the engine runs it in quality/balanced mode). Same seed, so the variants share their weights."""
+    """A layout, 'ncdhw' (diffusers') or 'ndhwc' (the engine's on a GPU), then optional parts:
+    '-compiled' (torch.compile, as in quality/balanced mode), '-heuristic' (cuDNN's guessed
+    algorithms instead of timed ones, `vae.cudnn_autotune`). 'ndhwc-compiled' is the engine's VAE
+    in quality/balanced mode. Same seed, so the variants share their weights."""
+    layout, *parts = variant.split("-")
+    if layout not in ("ncdhw", "ndhwc") or not set(parts) <= {"compiled", "heuristic"}:
+        raise SystemExit(f"unknown variant {variant!r}")
     torch.manual_seed(0)
     vae = full_size_vae("cuda")
-    if variant == "ncdhw":
+    if layout == "ncdhw":
         vae.channels_last = False
         for p in vae.model.parameters():
             p.data = p.data.contiguous()
-    elif variant not in ("ndhwc", "ndhwc-compiled"):
-        raise SystemExit(f"unknown variant {variant!r}")
-    if variant.endswith("-compiled"):
+    vae_module.cudnn_autotune = contextlib.nullcontext if "heuristic" in parts else AUTOTUNE
+    if "compiled" in parts:
         vae.enable_compile()
     return vae
 
@@ -91,7 +100,7 @@ def main() -> None:
         for variant in args.variants.split(","):
             vae = make_vae(variant)
             for kind, chunks in (("encode", args.encode_chunks), ("decode", args.decode_chunks)):
-                for chunk in map(int, chunks.split(",")):
+                for chunk in [int(c) for c in chunks.split(",") if c]:
                     torch.cuda.reset_peak_memory_stats()
                     if kind == "encode":
                         out = vae.encode(motion_frames, chunk)
@@ -114,9 +123,9 @@ def main() -> None:
             del vae
             torch.cuda.empty_cache()
     write_rows(Path(args.out) / f"vae-{rows[0]['device'].replace(' ', '-')}-{datetime.date.today().isoformat()}.json", rows)
-    print(f"\n{'size':>9} {'pass':>6} {'per call':>8} {'variant':>15} {'ms':>8} {'peak GB':>8} {'rel.err':>8}")
+    print(f"\n{'size':>9} {'pass':>6} {'per call':>8} {'variant':>31} {'ms':>8} {'peak GB':>8} {'rel.err':>8}")
     for r in rows:
-        print(f"{r['size']:>9} {r['pass']:>6} {r['per_call']:>8} {r['variant']:>15} {r['ms']:8.1f} "
+        print(f"{r['size']:>9} {r['pass']:>6} {r['per_call']:>8} {r['variant']:>31} {r['ms']:8.1f} "
               f"{r['peak_gb']:8.1f} {r['rel_err_vs_first_row']:8.1e}")
     print("decode: one clip (12 latents, 48 frames) after 7 priming latents; encode: 73 frames")
 

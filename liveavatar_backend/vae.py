@@ -13,6 +13,7 @@ result equals one decode of all latents at once.
 """
 from __future__ import annotations
 
+import contextlib
 import re
 from pathlib import Path
 
@@ -87,6 +88,21 @@ def build_vae(base_dim: int):
                                 num_res_blocks=NUM_RES_BLOCKS, temperal_downsample=[False, True, True])
 
 
+@contextlib.contextmanager
+def cudnn_autotune():
+    """cuDNN times its algorithms per convolution shape (once per shape and process) instead of
+    guessing: for the decoder's largest convs (padded channels-last input) its guess was an sm80
+    kernel, and timing made the 704*384 decode 0.84x as long at the same peak (PERFORMANCE.md).
+    Scoped to the VAE's calls, so the host process's own setting (ComfyUI's `--fast autotune`)
+    holds for everything else."""
+    previous = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = previous
+
+
 def convert_state(state: dict[str, torch.Tensor], path: Path, expected: dict[str, torch.Size]) -> dict:
     out = {}
     for key, value in state.items():
@@ -159,11 +175,12 @@ class WanVAE:
         chunks = _time_chunks(video, frames_per_call, first_alone=True)
         model.clear_cache()
         try:
-            out = []
-            for chunk in chunks:
-                model._enc_conv_idx = [0]
-                out.append(self.encoder(chunk, feat_cache=model._enc_feat_map, feat_idx=model._enc_conv_idx))
-            mu = model.quant_conv(torch.cat(out, dim=2))[:, :Z_DIM]
+            with cudnn_autotune():
+                out = []
+                for chunk in chunks:
+                    model._enc_conv_idx = [0]
+                    out.append(self.encoder(chunk, feat_cache=model._enc_feat_map, feat_idx=model._enc_conv_idx))
+                mu = model.quant_conv(torch.cat(out, dim=2))[:, :Z_DIM]
         finally:
             model.clear_cache()
         return (mu.float() - self.mean) / self.std
@@ -204,11 +221,12 @@ class StreamDecoder:
         1 frame for the very first latent of the stream, 4 for every later one."""
         vae = self.vae
         z = (latents.to(vae.device).float() * vae.std + vae.mean).to(vae.dtype)
-        x = vae.model.post_quant_conv(vae.layout(z))
         frames = []
-        for chunk in _time_chunks(x, self.latents_per_call, first_alone=self.first):
-            frames.append(vae.decoder(chunk, feat_cache=self.cache, feat_idx=[0], first_chunk=self.first))
-            self.first = False
+        with cudnn_autotune():
+            x = vae.model.post_quant_conv(vae.layout(z))
+            for chunk in _time_chunks(x, self.latents_per_call, first_alone=self.first):
+                frames.append(vae.decoder(chunk, feat_cache=self.cache, feat_idx=[0], first_chunk=self.first))
+                self.first = False
         return torch.cat(frames, dim=2).float().clamp(-1, 1)
 
     def warm_up(self, latents: torch.Tensor) -> None:

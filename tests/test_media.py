@@ -135,6 +135,19 @@ def test_clip_decoder_on_its_cuda_stream_waits_for_the_latents_and_keeps_them(tm
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_cudnn_autotune_is_scoped_to_the_vae_calls(vae, monkeypatch):
+    from liveavatar_backend import vae as vae_module
+    seen = []
+    decoder = vae.decoder
+    monkeypatch.setattr(vae, "decoder", lambda *a, **k: seen.append(torch.backends.cudnn.benchmark) or decoder(*a, **k))
+    torch.backends.cudnn.benchmark = False
+    vae.stream_decoder().decode(torch.zeros(1, 16, 2, 4, 4))
+    assert seen == [True, True] and torch.backends.cudnn.benchmark is False
+    with pytest.raises(RuntimeError), vae_module.cudnn_autotune():
+        raise RuntimeError("a failing decode")
+    assert torch.backends.cudnn.benchmark is False
+
+
 def test_compiled_vae_traces_and_matches_eager(tmp_path):
     vae = WanVAE.load(write_tiny_vae(tmp_path / "Wan2.1_VAE.pth", base_dim=4))
     video = _video(13, 32, seed=2)
