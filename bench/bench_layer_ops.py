@@ -109,11 +109,7 @@ def main() -> None:
     parser.add_argument("--label", default="default", help="name of the Inductor setting in the rows")
     parser.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     parser.add_argument("--profile", action="store_true")
-    parser.add_argument("--plain-gelu", action="store_true",
-                        help="the FFN's GELU as its own pass after the GEMM (before the cuBLASLt epilogue)")
     args = parser.parse_args()
-    if args.plain_gelu:
-        block_ops.linear_gelu = lambda x, weights: F.gelu(block_ops.linear(x, weights), approximate="tanh")
     cfg = DiTConfig.wan_s2v_14b()
     width, height = parse_size(args.size)
     layout = CacheLayout(height // 16, width // 16)

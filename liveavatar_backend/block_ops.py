@@ -36,18 +36,6 @@ def linear(x: torch.Tensor, weights: tuple) -> torch.Tensor:
     return fp8_linear(x, *weights)
 
 
-def linear_gelu(x: torch.Tensor, weights: tuple) -> torch.Tensor:
-    """gelu_tanh(linear(x)), the FFN's first half. A bf16 weight on a GPU runs as ONE cuBLASLt GEMM
-    whose epilogue adds the bias and applies the GELU (cuBLASLt's GELU is the tanh form, the one the
-    model uses): no separate pass over the 13824-wide hidden state, and one bf16 rounding instead of
-    two. Inductor leaves `_addmm_activation` to cuBLASLt rather than splitting it."""
-    if len(weights) == 2 and x.is_cuda and weights[1] is not None:
-        weight, bias = weights
-        out = torch._addmm_activation(bias, x.reshape(-1, x.shape[-1]), weight.t(), use_gelu=True)
-        return out.reshape(*x.shape[:-1], -1)
-    return F.gelu(linear(x, weights), approximate="tanh")
-
-
 def linears(x: torch.Tensor, *weights: tuple) -> list[torch.Tensor]:
     """x through several linears of one format; FP8 quantises x once for all of them."""
     if len(weights[0]) == 2:
@@ -86,7 +74,7 @@ def finish_block(x, attn_out, e0, modulation, o, norm3_weight, norm3_bias, cross
     cross = F.scaled_dot_product_attention(cq, text_k, text_v).transpose(1, 2).flatten(2)
     x32 = x32 + linear(cross, cross_o).float()
     h = (layer_norm32(x32, eps) * (1 + mod[4]) + mod[3]).to(dtype)
-    hidden = linear_gelu(h, ffn_in)
+    hidden = F.gelu(linear(h, ffn_in), approximate="tanh")
     x32 = x32 + linear(hidden, ffn_out).float() * mod[5]
     return x32.to(dtype)
 
