@@ -137,6 +137,8 @@ def main() -> None:
         compile_s = None
         offload, graphs = "lowvram" in mode, "graphs" in mode
         vae = None if not args.decode else compiled_vae if "-compiled" in mode and not offload else eager_vae
+        if vae is not None:
+            vae.autotune_convs = not offload             # as the engine sets it (timed cuDNN algorithms)
         if "-compiled" in mode:
             block_ops.enable_compile()
         else:

@@ -17,7 +17,6 @@ float32), so only bf16 rounding and algorithm choice may differ.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import json
 import os
@@ -32,17 +31,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import cuda_time_ms, full_size_vae, write_rows           # noqa: E402
 from liveavatar_backend import constants as C                        # noqa: E402
-from liveavatar_backend import vae as vae_module                     # noqa: E402
 from liveavatar_backend.sizes import parse_size, target_size         # noqa: E402
 
 PORTRAIT_HW = (400, 720)
-AUTOTUNE = vae_module.cudnn_autotune
 
 
 def make_vae(variant: str):
     """A layout, 'ncdhw' (diffusers') or 'ndhwc' (the engine's on a GPU), then optional parts:
     '-compiled' (torch.compile, as in quality/balanced mode), '-heuristic' (cuDNN's guessed
-    algorithms instead of timed ones, `vae.cudnn_autotune`). 'ndhwc-compiled' is the engine's VAE
+    algorithms instead of timed ones: `autotune_convs` off). 'ndhwc-compiled' is the engine's VAE
     in quality/balanced mode. Same seed, so the variants share their weights."""
     layout, *parts = variant.split("-")
     if layout not in ("ncdhw", "ndhwc") or not set(parts) <= {"compiled", "heuristic"}:
@@ -53,7 +50,7 @@ def make_vae(variant: str):
         vae.channels_last = False
         for p in vae.model.parameters():
             p.data = p.data.contiguous()
-    vae_module.cudnn_autotune = contextlib.nullcontext if "heuristic" in parts else AUTOTUNE
+    vae.autotune_convs = "heuristic" not in parts
     if "compiled" in parts:
         vae.enable_compile()
     return vae

@@ -1,5 +1,5 @@
 """The Wan VAE decoder's causal 3×3×3 convolutions at 704*384, one latent per decoder call (the
-engine's default), timed alone in the ways PyTorch can run them (issue 4: the decode is ≈ 105 ms
+engine's default), timed alone in the ways PyTorch can run them (issue 4: the decode was ≈ 105 ms
 of a 704*384 block):
 
 * `conv3d`: as diffusers runs it: time cache concatenated, F.pad, conv3d (NDHWC);
@@ -11,9 +11,9 @@ each with cuDNN's heuristic algorithm choice and with `torch.backends.cudnn.benc
 variant's output is compared with `conv3d` in float32 (must agree to bf16 rounding).
 
 Outcome (PERFORMANCE.md, H200 2026-12-01): alone, the padding inside the conv saves 10–20 % per
-conv; in the compiled decoder it saved as much as cuDNN's timed algorithms do, but not on top of
-them, and raised the decoder's peak by 1.4 GB, so the engine keeps diffusers' padding and times
-the algorithms (`vae.cudnn_autotune`).
+conv and the stacked taps are no better; in the compiled decoder the padding inside saved as much
+as cuDNN's timed algorithms do, but not on top of them, and raised the decoder's peak by 1.4 GB,
+so the engine keeps diffusers' padding and times the algorithms (`vae.cudnn_autotune`).
 
     python bench/bench_vae_convs.py
 """

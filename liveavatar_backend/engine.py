@@ -138,6 +138,7 @@ class LiveAvatarEngine:
             for tensor in _weights_of(text.model):      # page-locked: the per-prompt copy runs at full bus speed
                 tensor.data = tensor.data.pin_memory()
         vae = WanVAE.load(spec.vae, device, dtype)
+        vae.autotune_convs = on_gpu and not mode.offload_caches     # low_vram: no trial workspaces under its cap
         audio = AudioFeatureExtractor.load(spec.audio_encoder, encoder_device, torch.float32)
         compile_ok, why_not = block_ops.compile_supported() if on_gpu else (False, "")
         if on_gpu and not compile_ok:

@@ -89,12 +89,15 @@ def build_vae(base_dim: int):
 
 
 @contextlib.contextmanager
-def cudnn_autotune():
+def cudnn_autotune(enabled: bool = True):
     """cuDNN times its algorithms per convolution shape (once per shape and process) instead of
     guessing: for the decoder's largest convs (padded channels-last input) its guess was an sm80
     kernel, and timing made the 704*384 decode 0.84x as long at the same peak (PERFORMANCE.md).
     Scoped to the VAE's calls, so the host process's own setting (ComfyUI's `--fast autotune`)
-    holds for everything else."""
+    holds for everything else. With `enabled` False the host's setting holds here too."""
+    if not enabled:
+        yield
+        return
     previous = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = True
     try:
@@ -120,7 +123,9 @@ def convert_state(state: dict[str, torch.Tensor], path: Path, expected: dict[str
 
 class WanVAE:
     """The VAE and how to run it: on a GPU in channels-last layout (NDHWC: cuDNN's tensor-core
-    convolutions read it without a transpose), optionally through torch.compile."""
+    convolutions read it without a transpose), with timed cuDNN algorithms (`autotune_convs`;
+    low_vram turns it off: its trial workspaces were not measured under that mode's memory cap),
+    optionally through torch.compile."""
 
     def __init__(self, model, device, dtype):
         self.model, self.device, self.dtype = model, torch.device(device), dtype
@@ -133,6 +138,7 @@ class WanVAE:
                     if p.dim() in (4, 5):
                         p.data = p.data.contiguous(memory_format=_CHANNELS_LAST[p.dim()])
         self.encoder, self.decoder = model.encoder, model.decoder     # or their compiled versions
+        self.autotune_convs = self.channels_last
         self.encode_frames_per_call, self.decode_latents_per_call = ENCODE_FRAMES_PER_CALL, DECODE_LATENTS_PER_CALL
 
     def enable_compile(self, backend="inductor") -> None:
@@ -175,7 +181,7 @@ class WanVAE:
         chunks = _time_chunks(video, frames_per_call, first_alone=True)
         model.clear_cache()
         try:
-            with cudnn_autotune():
+            with cudnn_autotune(self.autotune_convs):
                 out = []
                 for chunk in chunks:
                     model._enc_conv_idx = [0]
@@ -222,7 +228,7 @@ class StreamDecoder:
         vae = self.vae
         z = (latents.to(vae.device).float() * vae.std + vae.mean).to(vae.dtype)
         frames = []
-        with cudnn_autotune():
+        with cudnn_autotune(vae.autotune_convs):
             x = vae.model.post_quant_conv(vae.layout(z))
             for chunk in _time_chunks(x, self.latents_per_call, first_alone=self.first):
                 frames.append(vae.decoder(chunk, feat_cache=self.cache, feat_idx=[0], first_chunk=self.first))

@@ -141,8 +141,13 @@ def test_cudnn_autotune_is_scoped_to_the_vae_calls(vae, monkeypatch):
     decoder = vae.decoder
     monkeypatch.setattr(vae, "decoder", lambda *a, **k: seen.append(torch.backends.cudnn.benchmark) or decoder(*a, **k))
     torch.backends.cudnn.benchmark = False
+    assert vae.autotune_convs is False                      # a CPU VAE: nothing to time
+    monkeypatch.setattr(vae, "autotune_convs", True)
     vae.stream_decoder().decode(torch.zeros(1, 16, 2, 4, 4))
     assert seen == [True, True] and torch.backends.cudnn.benchmark is False
+    monkeypatch.setattr(vae, "autotune_convs", False)
+    vae.stream_decoder().decode(torch.zeros(1, 16, 2, 4, 4))
+    assert seen[2:] == [False, False]
     with pytest.raises(RuntimeError), vae_module.cudnn_autotune():
         raise RuntimeError("a failing decode")
     assert torch.backends.cudnn.benchmark is False
