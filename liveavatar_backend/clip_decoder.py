@@ -1,6 +1,6 @@
 """Finished latents to frames, in line or overlapped with the denoising of the next block.
 
-In line, the VAE decode of a 704*384 block is 11–16 % of the block time on one GPU (PERFORMANCE.md),
+In line, the VAE decode of a 704*384 block is 10–16 % of the block time on one GPU (PERFORMANCE.md),
 and it stops the caller twice: for the decode and for the copy of the frames to the host.
 Overlapped (`submit` / `collect`), the decode runs on a CUDA stream of its own, ordered after the
 work that produced the latents and concurrent with whatever the caller queues next, and the

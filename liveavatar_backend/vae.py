@@ -138,7 +138,7 @@ class WanVAE:
                     if p.dim() in (4, 5):
                         p.data = p.data.contiguous(memory_format=_CHANNELS_LAST[p.dim()])
         self.encoder, self.decoder = model.encoder, model.decoder     # or their compiled versions
-        self.autotune_convs = self.channels_last
+        self.autotune_convs = self.device.type == "cuda"        # cuDNN: nothing to time on the CPU
         self.encode_frames_per_call, self.decode_latents_per_call = ENCODE_FRAMES_PER_CALL, DECODE_LATENTS_PER_CALL
 
     def enable_compile(self, backend="inductor") -> None:
