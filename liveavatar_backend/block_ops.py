@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fp8 import fp8_linear, fp8_linears
+from .fp8 import fp8_linear, fp8_linear_quantized, fp8_linears, quantize_per_tensor
+from .fp8_attention import quantise_static
 from .layers import layer_norm as layer_norm32, rms_norm
 from .rope import apply_rope as rotate
 
@@ -59,15 +60,33 @@ def attention_inputs(x, e0, modulation, q, k, v, norm_q, norm_k, cos, sin, num_h
             kh.transpose(1, 2), vh.transpose(1, 2))
 
 
+def fp8_attention_inputs(q_rot, k_rot, v, key_scale, value_scale):
+    """`attention_inputs`' outputs for FP8 attention: (q8, q's inverse scale [1,1,1,1], k8, v8).
+    Queries are scaled per call, keys/values at their layer's fixed cache scales (fp8_attention)."""
+    q8, q_inverse = quantize_per_tensor(q_rot)
+    return q8, q_inverse.reshape(1, 1, 1, 1), quantise_static(k_rot, key_scale), quantise_static(v, value_scale)
+
+
+def attention_output(attn_out, o, dtype):
+    """The o-projection of [1, heads, L, head_dim] attention output, or of FP8 attention's
+    (e4m3 output, its inverse scale), which is already the projection's FP8 input."""
+    if isinstance(attn_out, tuple):
+        out8, inverse = attn_out
+        if len(o) == 3:
+            return fp8_linear_quantized(out8.transpose(1, 2).flatten(2), inverse, *o, out_dtype=dtype)
+        attn_out = (out8.float() * inverse).to(dtype)                  # bf16 weights: dequantise first
+    return linear(attn_out.transpose(1, 2).flatten(2), o)
+
+
 def finish_block(x, attn_out, e0, modulation, o, norm3_weight, norm3_bias, cross_q, cross_norm_q, cross_o,
                  text_k, text_v, ffn_in, ffn_out, num_heads: int, eps: float):
     """Rest of the block after self-attention: gated residual, text cross-attention, gated FFN.
 
     Residual additions in float32; the official block casts to bf16 before the text
-    cross-attention whatever the compute dtype (spec §11)."""
+    cross-attention whatever the compute dtype (spec §11). `attn_out` as `attention_output` takes it."""
     dtype = x.dtype
     mod = modulation[0].float() + e0
-    y = linear(attn_out.transpose(1, 2).flatten(2), o)
+    y = attention_output(attn_out, o, dtype)
     x32 = x.float() + y.float() * mod[2]
     h = layer_norm32(x32.to(torch.bfloat16), eps, norm3_weight, norm3_bias).to(dtype)
     cq = rms_norm(linear(h, cross_q), cross_norm_q, eps).unflatten(-1, (num_heads, -1)).transpose(1, 2)
@@ -79,12 +98,14 @@ def finish_block(x, attn_out, e0, modulation, o, norm3_weight, norm3_bias, cross
     return x32.to(dtype)
 
 
-def reference_keys(sink_k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """The sink's un-rotated keys [1, heads, L, head_dim] rotated to its current temporal position.
+def reference_keys(sink_k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, key_scale=None) -> torch.Tensor:
+    """The sink's un-rotated keys [1, heads, L, head_dim] rotated to its current temporal position
+    (in e4m3 at `key_scale` for an FP8 cache).
 
     Runs for every layer of every block-step (the sink's position rolls, spec §2.4); eager it is
     about ten elementwise passes, compiled one."""
-    return rotate(sink_k.transpose(1, 2), cos, sin).transpose(1, 2)
+    rotated = rotate(sink_k.transpose(1, 2), cos, sin).transpose(1, 2)
+    return rotated if key_scale is None else quantise_static(rotated, key_scale)
 
 
 def audio_injection(x, audio_tokens, audio_global, adain, q, k, v, o, norm_q, norm_k,
@@ -146,7 +167,7 @@ def enable_compile(mode: str | None = None, backend="inductor") -> None:
     Inductor keeps its compiled code in its on-disk cache (TORCHINDUCTOR_CACHE_DIR), so the
     compile cost is paid once per machine, not once per run."""
     raise_recompile_limit()
-    for name in ("attention_inputs", "finish_block", "reference_keys", "audio_injection"):
+    for name in ("attention_inputs", "fp8_attention_inputs", "finish_block", "reference_keys", "audio_injection"):
         _compiled[name] = torch.compile(globals()[name], mode=mode, backend=backend, dynamic=False, fullgraph=True)
 
 

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from .errors import CheckpointError, GenerationInterrupted, InputError
+from .memory_modes import MEMORY_MODES
 
 
 def _generate(args) -> int:
@@ -85,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=420)
     gen.add_argument("--device", default="cuda", help="cuda, cuda:N, cpu; a list of GPUs (cuda:0,cuda:1) splits "
                                                       "the DiT over them; external:N waits for N torchrun workers")
-    gen.add_argument("--memory-mode", default="quality", choices=("quality", "balanced", "low_vram"))
+    gen.add_argument("--memory-mode", default="quality", choices=list(MEMORY_MODES),
+                     help="quality (bf16), balanced (FP8 weights), fast (FP8 weights and attention), low_vram")
     gen.add_argument("--out", required=True, help="output .mp4")
     gen.set_defaults(run=_generate)
     tiny = sub.add_parser("make-tiny-checkpoints", help="write tiny random checkpoints in the published layouts")

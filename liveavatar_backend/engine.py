@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from . import block_ops
+from . import block_ops, fp8_attention
 from . import constants as C
 from .audio import AudioFeatureExtractor
 from .clip_decoder import ClipDecoder
@@ -113,6 +113,8 @@ class LiveAvatarEngine:
         # the encoders and the VAE live on the first device (with torchrun workers: this host's GPU)
         device = ("cuda" if torch.cuda.is_available() else "cpu") if external_world(devices) else devices[0]
         on_gpu = torch.device(device).type == "cuda"
+        if mode.fp8_attention:
+            _check_fp8_attention(sharded, torch.device(device))
         dtype = torch.bfloat16 if on_gpu else torch.float32
         dit = workers = None
         if sharded:
@@ -209,9 +211,20 @@ class LiveAvatarEngine:
             return
         on_gpu = self.device.type == "cuda"
         sampler = BlockSampler(self.dit, job.plan, job.cond, offload_caches=self.mode.offload_caches and on_gpu,
-                               cuda_graphs=on_gpu and not self.mode.offload_caches)
+                               cuda_graphs=on_gpu and not self.mode.offload_caches,
+                               fp8_attention=self.mode.fp8_attention)
         for clip in sampler.clips(on_progress=on_progress, should_stop=should_stop):
             yield clip.cpu()
+
+
+def _check_fp8_attention(sharded: bool, device: torch.device) -> None:
+    """memory_mode 'fast' fails at load, before anything is read, where it cannot run as named."""
+    if sharded:
+        raise InputError("memory_mode 'fast' (FP8 attention) runs on one GPU; with several GPUs use 'balanced'")
+    reason = fp8_attention.unavailable_on(device)
+    if reason is not None:
+        raise InputError(f"memory_mode 'fast' uses cuDNN's FP8 attention, but {reason}. "
+                         "Choose 'balanced' (the same FP8 weights, bf16 attention).")
 
 
 def _weights_of(model: torch.nn.Module) -> list[torch.Tensor]:

@@ -37,18 +37,21 @@ def fp8_linear(x: torch.Tensor, w8: torch.Tensor, w_inv_scale: torch.Tensor, bia
 def fp8_linears(x: torch.Tensor, weights: list[tuple]) -> list[torch.Tensor]:
     """x through several FP8 linears: x is quantised once (the same per-tensor scale each call would
     compute), so q, k and v of one input cost one quantisation pass, not three."""
-    flat = x.reshape(-1, x.shape[-1])
-    x8, x_inv_scale = quantize_per_tensor(flat)
-    x_dequantised = None if x.is_cuda else x8.float() * x_inv_scale
-    outs = []
-    for w8, w_inv_scale, bias in weights:
-        if x.is_cuda:
-            out = torch._scaled_mm(x8, w8.t(), scale_a=x_inv_scale, scale_b=w_inv_scale, bias=bias,
-                                   out_dtype=x.dtype, use_fast_accum=True)
-        else:   # no FP8 matrix units here: the same quantised values, multiplied in float32
-            out = F.linear(x_dequantised, w8.float() * w_inv_scale, None if bias is None else bias.float())
-        outs.append(out.to(x.dtype).reshape(*x.shape[:-1], -1))
-    return outs
+    x8, x_inv_scale = quantize_per_tensor(x.reshape(-1, x.shape[-1]))
+    return [fp8_linear_quantized(x8.view(x.shape), x_inv_scale, *w, out_dtype=x.dtype) for w in weights]
+
+
+def fp8_linear_quantized(x8: torch.Tensor, x_inv_scale: torch.Tensor, w8: torch.Tensor, w_inv_scale: torch.Tensor,
+                         bias, out_dtype: torch.dtype) -> torch.Tensor:
+    """x @ W.T + bias for an input already in e4m3 (x ≈ x8 · x_inv_scale, one scale for the tensor)."""
+    flat = x8.reshape(-1, x8.shape[-1])
+    if x8.is_cuda:
+        out = torch._scaled_mm(flat, w8.t(), scale_a=x_inv_scale.reshape(()), scale_b=w_inv_scale, bias=bias,
+                               out_dtype=out_dtype, use_fast_accum=True)
+    else:       # no FP8 matrix units here: the same quantised values, multiplied in float32
+        out = F.linear(flat.float() * x_inv_scale.reshape(()), w8.float() * w_inv_scale,
+                       None if bias is None else bias.float())
+    return out.to(out_dtype).reshape(*x8.shape[:-1], -1)
 
 
 class FP8Linear(nn.Module):

@@ -142,6 +142,7 @@ class KVCacheBank:
             self.v[layer] = [torch.zeros(s, dtype=dtype, device=device) for s in shapes]
         self.sink_ref_k: dict[int, torch.Tensor] = {}
         self.step_views = [StepCache(self, i) for i in range(steps)]
+        self.scales = None      # fp8_attention.CacheScales when the buffers hold e4m3 keys/values
 
     def step(self, i: int) -> StepCache:
         return self.step_views[i]

@@ -42,6 +42,7 @@ class OffloadedKVCacheBank(KVCacheBank):
         self.ready: dict[int, torch.cuda.Event] = {}
         self.sink_ref_k: dict[int, torch.Tensor] = {}
         self.step_views = [OffloadedStepCache(self, i) for i in range(steps)]
+        self.scales = None                          # bf16 caches: FP8 attention keeps its caches on the GPU
 
     # ------------------------------------------------------------------ staging
     def _fill(self, slot: int, layer: int, view: "OffloadedStepCache") -> None:

@@ -24,6 +24,7 @@ from torch import nn
 from . import block_ops, rope
 from .block_ops import linear_weights
 from .config import DiTConfig
+from .fp8_attention import fp8_attention, quantise_static
 from .kv_cache import CacheLayout, KVCacheBank, StepCache
 from .layers import AttentionWeights, CrossAttention, attention, layer_norm
 from .model_audio import AudioInjector, CausalAudioEncoder
@@ -55,7 +56,8 @@ class DiTBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, e0: torch.Tensor, cos, sin, attend, text_kv) -> torch.Tensor:
         """x [1, L, dim]; e0 [6, dim] float32 (one modulation set for all tokens of the call);
-        `attend(q_rot, k_rot, k_raw, v) -> out` decides which keys/values the tokens see."""
+        `attend(q_rot, k_rot, k_raw, v) -> out` decides which keys/values the tokens see (out as
+        `block_ops.attention_output` takes it)."""
         sa, ca = self.self_attn, self.cross_attn
         q_rot, k_rot, k_raw, v = block_ops.compiled("attention_inputs")(
             x, e0, self.modulation, linear_weights(sa.q), linear_weights(sa.k), linear_weights(sa.v),
@@ -199,6 +201,7 @@ class LiveAvatarDiT(nn.Module):
                                rope.motion_positions(layout.h, layout.w)])
         cos, sin = rope.rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, self.device)
         _, e0_zero = self.time_modulation(0.0)
+        scales = bank.scales
         for i in layers:
             def attend(q_rot, k_rot, k_raw, v, i=i):
                 ref_k = k_raw[:, :, : layout.ref_len]
@@ -206,8 +209,11 @@ class LiveAvatarDiT(nn.Module):
                     bank.sink_ref_k[i].copy_(ref_k)
                 else:
                     bank.sink_ref_k[i] = ref_k.contiguous()
+                motion_k, cond_v = k_rot[:, :, layout.ref_len:], v
+                if scales is not None:        # e4m3 caches (FP8 attention); the sink's own attention stays bf16
+                    motion_k, cond_v = quantise_static(motion_k, scales.key[i]), quantise_static(v, scales.value[i])
                 for cache in bank.all_steps():
-                    cache.write_cond(i, k_rot[:, :, layout.ref_len:], v)
+                    cache.write_cond(i, motion_k, cond_v)
                 return attention(q_rot, k_rot, v)
             x = self.blocks[i](x, e0_zero, cos, sin, attend, text_kv[i])   # compiled too: on the TTFF path
         return x
@@ -237,12 +243,20 @@ class LiveAvatarDiT(nn.Module):
         _, e0 = self.time_modulation(t)
         cos, sin, ref_cos, ref_sin = tables
         audio_tokens, audio_global = audio
+        scales = bank.scales                  # set: the caches hold e4m3 and attention runs in FP8
         for i in layers:
             def attend(q_rot, k_rot, k_raw, v, i=i):
+                key_scale = None if scales is None else scales.key[i]
+                if scales is not None:        # e4m3 q (with its inverse scale), k and v
+                    q_rot, q_inverse, k_rot, v = block_ops.compiled("fp8_attention_inputs")(
+                        q_rot, k_rot, v, key_scale, scales.value[i])
                 cache.write_block(i, first_frame, k_rot, v)
-                cache.write_reference(i, block_ops.compiled("reference_keys")(bank.sink_ref_k[i], ref_cos, ref_sin))
+                cache.write_reference(i, block_ops.compiled("reference_keys")(bank.sink_ref_k[i], ref_cos, ref_sin,
+                                                                               key_scale))
                 keys, values = cache.active(i, first_frame, k_rot.shape[2])
-                return attention(q_rot, keys, values)
+                if scales is None:
+                    return attention(q_rot, keys, values)
+                return fp8_attention(q_rot, q_inverse, keys, values, scales, i), scales.value_inverse[i]
             x = self.blocks[i](x, e0, cos, sin, attend, text_kv[i])
             if i in self.injector_of_layer:
                 x = self.audio_injector.inject(self.injector_of_layer[i], x, audio_tokens, audio_global)

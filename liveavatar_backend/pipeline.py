@@ -23,6 +23,8 @@ import torch
 
 from . import constants as C
 from .errors import GenerationInterrupted, InputError
+from .fp8 import FP8_DTYPE
+from .fp8_attention import cache_scales
 from .kv_cache import CacheLayout, KVCacheBank
 from .cuda_graphs import StepGraphs
 from .kv_offload import OffloadedKVCacheBank
@@ -103,7 +105,7 @@ class BlockSampler:
 
     def __init__(self, dit: LiveAvatarDiT, plan: GenerationPlan, cond: Conditioning, *,
                  rolling_sink: bool = True, offset: Callable[[int, int], int] | None = None,
-                 offload_caches: bool = False, cuda_graphs: bool = False):
+                 offload_caches: bool = False, cuda_graphs: bool = False, fp8_attention: bool = False):
         validate_steps(plan.steps)
         self.dit, self.plan, self.cond = dit, plan, cond
         self.rolling_sink = rolling_sink
@@ -112,9 +114,13 @@ class BlockSampler:
         self.timesteps, self.sigmas = flow_match_schedule(plan.steps)
         cfg = dit.cfg
         layout = plan.layout
+        if fp8_attention and offload_caches:
+            raise ValueError("FP8 attention keeps its e4m3 caches on the GPU; it cannot offload them")
         bank_type = OffloadedKVCacheBank if offload_caches else KVCacheBank
         self.bank = bank_type(layout, range(cfg.num_layers), plan.steps, cfg.num_heads, cfg.head_dim,
-                              dit.dtype, dit.device)
+                              FP8_DTYPE if fp8_attention else dit.dtype, dit.device)
+        if fp8_attention:
+            self.bank.scales = cache_scales(dit, range(cfg.num_layers), self.timesteps[: plan.steps])
         use_graphs = cuda_graphs and dit.device.type == "cuda" and not offload_caches
         self.graphs = StepGraphs(dit, self.bank, cond.text_kv) if use_graphs else None
 

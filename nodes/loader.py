@@ -56,8 +56,10 @@ class LiveAvatarModelLoader(io.ComfyNode):
                                        "Without it the model is the plain Wan2.2-S2V and needs many steps."),
                 io.Combo.Input("memory_mode", options=list(MEMORY_MODES), default="quality",
                                tooltip="quality: bf16 weights; balanced: FP8 weights (slight quality change, "
-                                       "half the VRAM); low_vram: FP8 + attention caches in host memory. "
-                                       "See the README for the VRAM each needs."),
+                                       "half the VRAM); fast: FP8 weights and FP8 attention (one Hopper or "
+                                       "newer GPU, pip install nvidia-cudnn-frontend; a larger quality change); "
+                                       "low_vram: FP8 + attention caches in host memory. "
+                                       "See the README for the VRAM and speed of each."),
                 io.String.Input("devices", default="auto",
                                 tooltip="'auto' (ComfyUI's device), 'cpu', 'cuda:N', or several GPUs such as "
                                         "'cuda:0,cuda:1': the DiT's layers are split over them (each holds "

@@ -1,23 +1,29 @@
 """The per-layer functions of `block_ops`: the compiled path traces as one graph each and computes
 what the eager path computes; the fused audio injection equals the module formulation."""
+import pytest
 import torch
 import torch.nn.functional as F
 
 from liveavatar_backend import block_ops
 from liveavatar_backend.config import DiTConfig
+from liveavatar_backend.fp8 import FP8_DTYPE, convert_to_fp8
+from liveavatar_backend.fp8_attention import cache_scales
 from liveavatar_backend.kv_cache import CacheLayout, KVCacheBank
 from liveavatar_backend.layers import layer_norm
 from liveavatar_backend.model import LiveAvatarDiT
 from liveavatar_backend.model_audio import AUDIO_ADALN_EPS
 
 
-def _two_blocks(model, cfg):
+def _two_blocks(model, cfg, fp8_caches=False):
     """Prefill, then two blocks of 3 steps; returns every step's velocity."""
     g = torch.Generator().manual_seed(1)
     text_kv = model.text_context_kv(torch.randn(5, cfg.text_dim, generator=g))
     ref, motion = torch.randn(16, 1, 8, 16, generator=g), torch.randn(16, 19, 8, 16, generator=g)
     audio = model.encode_audio_block(torch.randn(cfg.audio_layers, cfg.audio_dim, 12, generator=g), 73, 19)
-    bank = KVCacheBank(CacheLayout(4, 8), range(cfg.num_layers), 3, cfg.num_heads, cfg.head_dim, torch.float32, "cpu")
+    bank = KVCacheBank(CacheLayout(4, 8), range(cfg.num_layers), 3, cfg.num_heads, cfg.head_dim,
+                       FP8_DTYPE if fp8_caches else torch.float32, "cpu")
+    if fp8_caches:                    # FP8 attention over e4m3 caches (memory_mode 'fast')
+        bank.scales = cache_scales(model, range(cfg.num_layers), [1000.0, 750.0, 500.0])
     outs = []
     with torch.no_grad():
         model.prefill_sink(ref, motion, text_kv, bank)
@@ -29,11 +35,14 @@ def _two_blocks(model, cfg):
     return outs
 
 
-def test_compiled_functions_trace_whole_and_match_eager():
+@pytest.mark.parametrize("fp8_caches", [False, True])
+def test_compiled_functions_trace_whole_and_match_eager(fp8_caches):
     torch.manual_seed(0)
     cfg = DiTConfig.tiny()
     model = LiveAvatarDiT(cfg).eval()
-    eager = _two_blocks(model, cfg)
+    if fp8_caches:
+        convert_to_fp8(model, out_dtype=torch.float32)
+    eager = _two_blocks(model, cfg, fp8_caches)
     graphs = []
 
     def record(graph_module, example_inputs):        # a dynamo backend that runs the traced graph as is
@@ -42,7 +51,7 @@ def test_compiled_functions_trace_whole_and_match_eager():
 
     block_ops.enable_compile(backend=record)
     try:
-        traced = _two_blocks(model, cfg)
+        traced = _two_blocks(model, cfg, fp8_caches)
     finally:
         block_ops.disable_compile()
     assert len(block_ops._compiled) == 0

@@ -82,6 +82,7 @@ class NaiveBank:
     def __init__(self, layout, steps, layers):
         self.layout = layout
         self.sink_ref_k = {}
+        self.scales = None          # bf16 caches (the engine's interface: e4m3 ones carry scales)
         self.cond = {}
         self.views = [NaiveStep(self, layers) for _ in range(steps)]
 
