@@ -7,6 +7,9 @@ after all steps, same seed), and prints a table; rows also go to <out>/<device>-
 
     python bench/bench_single_gpu.py --cases 384*256:3,704*384:4 --modes bf16,bf16-compiled,fp8-compiled
     python bench/bench_single_gpu.py --decode ...     # FPS and TTFF of DiT + VAE decode (issue 4's targets)
+
+Mode names are built from parts: bf16|fp8, -attn8 (FP8 attention over e4m3 caches, memory_mode
+'fast'), -compiled, -graphs (CUDA graphs), -lowvram (caches in host memory).
 """
 from __future__ import annotations
 
@@ -44,7 +47,7 @@ def plan_for(size: str, steps: int, clips: int) -> GenerationPlan:
 
 
 def run_clips(model, plan: GenerationPlan, offload: bool = False, graphs: bool = False, vae=None,
-              overlap: bool = False):
+              overlap: bool = False, fp8_attention: bool = False):
     """Generate; returns (clean latents of every block, seconds per block, seconds to first frame,
     decode seconds per block). With a `vae`, every block is decoded as it finishes, inside its
     time: in line (decode timed on its own too), or with `overlap` as the CLI does it, on the
@@ -77,7 +80,8 @@ def run_clips(model, plan: GenerationPlan, offload: bool = False, graphs: bool =
         last = now
         blocks.append(event.latents.float().cpu())
 
-    for _ in BlockSampler(model, plan, cond, offload_caches=offload, cuda_graphs=graphs).clips(on_progress=on_progress):
+    sampler = BlockSampler(model, plan, cond, offload_caches=offload, cuda_graphs=graphs, fp8_attention=fp8_attention)
+    for _ in sampler.clips(on_progress=on_progress):
         pass
     if decoder is not None:
         decoder.collect(wait=True)
@@ -136,6 +140,7 @@ def main() -> None:
             torch.cuda.empty_cache()
         compile_s = None
         offload, graphs = "lowvram" in mode, "graphs" in mode
+        attn8 = "attn8" in mode                  # FP8 attention over e4m3 caches (memory_mode 'fast')
         vae = None if not args.decode else compiled_vae if "-compiled" in mode and not offload else eager_vae
         if vae is not None:
             vae.autotune_convs = not offload             # as the engine sets it (timed cuDNN algorithms)
@@ -151,11 +156,11 @@ def main() -> None:
             torch.cuda.set_per_process_memory_fraction(min(1.0, cap * 1e9 / total) if cap else 1.0)
             if "-compiled" in mode:
                 t = time.perf_counter()
-                run_clips(model, plan_for(size, steps, 2), offload, graphs, vae, args.overlap)   # warm-up: compiles
+                run_clips(model, plan_for(size, steps, 2), offload, graphs, vae, args.overlap, attn8)   # warm-up: compiles
                 compile_s = time.perf_counter() - t
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-            blocks, times, ttff, decode_times = run_clips(model, plan, offload, graphs, vae, args.overlap)
+            blocks, times, ttff, decode_times = run_clips(model, plan, offload, graphs, vae, args.overlap, attn8)
             if args.profile:
                 profile_clip(model, plan_for(size, steps, 1), offload, Path(args.out) / f"profile-{mode}-{size.replace('*', 'x')}.txt")
             # steady state: clip 0 holds the prefill; with CUDA graphs clip 1 holds their captures
