@@ -58,6 +58,30 @@ def test_same_seed_same_latents_and_other_seed_differs(engine):
     assert not torch.allclose(runs[0], runs[2])
 
 
+def test_fast_mode_tracks_balanced_and_holds_e4m3_caches(tiny, monkeypatch):
+    """memory_mode 'fast' through the engine (FP8 attention emulated on the CPU) against 'balanced'."""
+    from liveavatar_backend import pipeline
+    from liveavatar_backend.engine import LiveAvatarEngine, ModelSpec
+    from liveavatar_backend.fp8 import FP8_DTYPE
+    spec = ModelSpec.from_folder(tiny / "Wan2.2-S2V-14B", lora=tiny / "liveavatar.safetensors")
+    cache_dtypes = []
+    original = pipeline.BlockSampler.__init__
+
+    def recording(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        cache_dtypes.append(self.bank.k[0][0].dtype)
+    monkeypatch.setattr(pipeline.BlockSampler, "__init__", recording)
+    portrait, voice = torch.rand(400, 720, 3), torch.randn(16000 * 2) * 0.1
+    clips = {}
+    for mode in ("balanced", "fast"):
+        engine = LiveAvatarEngine.load(spec, device="cpu", memory_mode=mode)
+        job = engine.prepare(portrait, voice, "a person", size="384*256", num_clips=1, steps=2, seed=5)
+        clips[mode] = next(engine.sample(job))
+    assert cache_dtypes == [torch.float32, FP8_DTYPE]
+    error = ((clips["fast"] - clips["balanced"]).norm() / clips["balanced"].norm()).item()
+    assert 0 < error < 0.05
+
+
 def test_bad_inputs_fail_clearly(engine, tiny, tmp_path):
     portrait, voice = torch.rand(400, 720, 3), torch.randn(16000) * 0.1
     with pytest.raises(InputError, match="size"):
