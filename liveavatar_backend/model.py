@@ -256,7 +256,7 @@ class LiveAvatarDiT(nn.Module):
                 keys, values = cache.active(i, first_frame, k_rot.shape[2])
                 if scales is None:
                     return attention(q_rot, keys, values)
-                return fp8_attention(q_rot, q_inverse, keys, values, scales, i), scales.value_inverse[i]
+                return fp8_attention(q_rot, q_inverse, keys, values, scales, i), scales.output_inverse[i]
             x = self.blocks[i](x, e0, cos, sin, attend, text_kv[i])
             if i in self.injector_of_layer:
                 x = self.audio_injector.inject(self.injector_of_layer[i], x, audio_tokens, audio_global)

@@ -115,7 +115,8 @@ class BlockSampler:
         cfg = dit.cfg
         layout = plan.layout
         if fp8_attention and offload_caches:
-            raise ValueError("FP8 attention keeps its e4m3 caches on the GPU; it cannot offload them")
+            raise ValueError("FP8 attention keeps its e4m3 caches on the GPU and cannot offload them: "
+                             "use memory_mode 'fast' (caches on the GPU) or 'low_vram' (bf16 attention)")
         bank_type = OffloadedKVCacheBank if offload_caches else KVCacheBank
         self.bank = bank_type(layout, range(cfg.num_layers), plan.steps, cfg.num_heads, cfg.head_dim,
                               FP8_DTYPE if fp8_attention else dit.dtype, dit.device)

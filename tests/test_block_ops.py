@@ -50,6 +50,9 @@ def test_compiled_functions_trace_whole_and_match_eager(fp8_caches):
         return graph_module.forward
 
     block_ops.enable_compile(backend=record)
+    quantised = []                        # calls of FP8 attention's compiled input quantisation
+    compiled_quantisation = block_ops._compiled["fp8_attention_inputs"]
+    block_ops._compiled["fp8_attention_inputs"] = lambda *a: quantised.append(1) or compiled_quantisation(*a)
     try:
         traced = _two_blocks(model, cfg, fp8_caches)
     finally:
@@ -57,6 +60,9 @@ def test_compiled_functions_trace_whole_and_match_eager(fp8_caches):
     assert len(block_ops._compiled) == 0
     traced_ops = {node.target for gm in graphs for node in gm.graph.nodes if node.op == "call_function"}
     assert len(graphs) >= 4 and F.scaled_dot_product_attention in traced_ops   # all four, incl. the injector
+    # every layer of every block-step quantises its attention inputs through the compiled function
+    assert len(quantised) == (2 * 3 * cfg.num_layers if fp8_caches else 0)
+    assert len(graphs) >= (5 if fp8_caches else 4)
     for a, b in zip(traced, eager):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
