@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import cuda_time_ms, write_rows                  # noqa: E402
 from liveavatar_backend.config import DiTConfig              # noqa: E402
-from liveavatar_backend.fp8 import FP8_DTYPE, FP8_MAX        # noqa: E402
+from liveavatar_backend.fp8 import FP8_DTYPE, FP8_MAX, quantize_per_tensor  # noqa: E402
 from liveavatar_backend.kv_cache import CacheLayout          # noqa: E402
 from liveavatar_backend.sizes import parse_size              # noqa: E402
 
@@ -127,12 +127,9 @@ def cudnn_bf16_rows(q, k, v, ref):
 
 
 def per_tensor_fp8(x):
-    """(x in e4m3 with x's layout, descale [1,1,1,1]) as the FP8 linears scale their inputs."""
-    amax = x.abs().amax().float().clamp(min=1e-12)
-    scale = (FP8_MAX / amax).clamp(max=FP8_MAX)
-    x8 = torch.empty_like(x, dtype=FP8_DTYPE)
-    x8.copy_((x.float() * scale).clamp(-FP8_MAX, FP8_MAX))
-    return x8, scale.reciprocal().reshape(1, 1, 1, 1)
+    """(x in e4m3, descale [1,1,1,1]) as the FP8 linears scale their inputs."""
+    x8, inverse = quantize_per_tensor(x)
+    return x8, inverse.reshape(1, 1, 1, 1)
 
 
 class _Dequantized:

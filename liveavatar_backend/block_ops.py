@@ -18,8 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fp8 import fp8_linear, fp8_linear_quantized, fp8_linears, quantize_per_tensor
-from .fp8_attention import quantise_static
+from .fp8 import fp8_linear, fp8_linear_quantized, fp8_linears, quantize_per_tensor, quantize_static
 from .layers import layer_norm as layer_norm32, rms_norm
 from .rope import apply_rope as rotate
 
@@ -64,7 +63,7 @@ def fp8_attention_inputs(q_rot, k_rot, v, key_scale, value_scale):
     """`attention_inputs`' outputs for FP8 attention: (q8, q's inverse scale [1,1,1,1], k8, v8).
     Queries are scaled per call, keys/values at their layer's fixed cache scales (fp8_attention)."""
     q8, q_inverse = quantize_per_tensor(q_rot)
-    return q8, q_inverse.reshape(1, 1, 1, 1), quantise_static(k_rot, key_scale), quantise_static(v, value_scale)
+    return q8, q_inverse.reshape(1, 1, 1, 1), quantize_static(k_rot, key_scale), quantize_static(v, value_scale)
 
 
 def attention_output(attn_out, o, dtype):
@@ -105,7 +104,7 @@ def reference_keys(sink_k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k
     Runs for every layer of every block-step (the sink's position rolls, spec §2.4); eager it is
     about ten elementwise passes, compiled one."""
     rotated = rotate(sink_k.transpose(1, 2), cos, sin).transpose(1, 2)
-    return rotated if key_scale is None else quantise_static(rotated, key_scale)
+    return rotated if key_scale is None else quantize_static(rotated, key_scale)
 
 
 def audio_injection(x, audio_tokens, audio_global, adain, q, k, v, o, norm_q, norm_k,

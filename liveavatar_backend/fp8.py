@@ -25,8 +25,12 @@ def quantize_per_tensor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x -> (x8, inverse scale) with x ≈ x8 · inverse_scale; scale = clamp(448/max|x|, max=448)."""
     amax = x.detach().abs().amax().float().clamp(min=1e-12)
     scale = (FP8_MAX / amax).clamp(max=FP8_MAX)
-    x8 = (x.float() * scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
-    return x8, scale.reciprocal()
+    return quantize_static(x, scale), scale.reciprocal()
+
+
+def quantize_static(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x · scale in e4m3 for a scale chosen beforehand, saturating at ±448."""
+    return (x.float() * scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
 
 
 def fp8_linear(x: torch.Tensor, w8: torch.Tensor, w_inv_scale: torch.Tensor, bias) -> torch.Tensor:

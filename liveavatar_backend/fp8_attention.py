@@ -30,7 +30,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .fp8 import FP8_DTYPE, FP8_MAX
+from .fp8 import FP8_DTYPE, FP8_MAX, quantize_static
 
 MIN_CUDNN = 91400        # cuDNN 9.14: FP8 attention forward on Hopper (the cuDNN frontend's own test gate)
 MIN_FRONTEND = "1.32"    # the nvidia-cudnn-frontend release this was built and measured with
@@ -94,11 +94,6 @@ def cache_scales(dit, layers, timesteps) -> CacheScales:
     return scales
 
 
-def quantise_static(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x in e4m3 at a fixed scale, saturating at ±448."""
-    return (x.float() * scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
-
-
 def _cudnn_version_text(version: int) -> str:
     return f"{version // 10000}.{version // 100 % 100}.{version % 100}"     # 91900 -> 9.19.0
 
@@ -141,7 +136,7 @@ def unavailable_on(device: torch.device) -> str | None:
 def emulated_attention(q8, q_inverse, k8, v8, k_inverse, v_inverse, o_scale) -> torch.Tensor:
     """The CPU stand-in: dequantise, float32 attention, output in e4m3 at `o_scale`."""
     q, k, v = q8.float() * q_inverse, k8.float() * k_inverse, v8.float() * v_inverse
-    return quantise_static(F.scaled_dot_product_attention(q, k, v), o_scale)
+    return quantize_static(F.scaled_dot_product_attention(q, k, v), o_scale)
 
 
 class CudnnFP8Attention:

@@ -24,7 +24,8 @@ from torch import nn
 from . import block_ops, rope
 from .block_ops import linear_weights
 from .config import DiTConfig
-from .fp8_attention import fp8_attention, quantise_static
+from .fp8 import quantize_static
+from .fp8_attention import fp8_attention
 from .kv_cache import CacheLayout, KVCacheBank, StepCache
 from .layers import AttentionWeights, CrossAttention, attention, layer_norm
 from .model_audio import AudioInjector, CausalAudioEncoder
@@ -211,7 +212,7 @@ class LiveAvatarDiT(nn.Module):
                     bank.sink_ref_k[i] = ref_k.contiguous()
                 motion_k, cond_v = k_rot[:, :, layout.ref_len:], v
                 if scales is not None:        # e4m3 caches (FP8 attention); the sink's own attention stays bf16
-                    motion_k, cond_v = quantise_static(motion_k, scales.key[i]), quantise_static(v, scales.value[i])
+                    motion_k, cond_v = quantize_static(motion_k, scales.key[i]), quantize_static(v, scales.value[i])
                 for cache in bank.all_steps():
                     cache.write_cond(i, motion_k, cond_v)
                 return attention(q_rot, k_rot, v)

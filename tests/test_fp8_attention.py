@@ -14,7 +14,7 @@ from liveavatar_backend.block_ops import linear_weights
 from liveavatar_backend.engine import _check_fp8_attention
 from liveavatar_backend.errors import InputError
 from liveavatar_backend.fixtures import tiny_dit
-from liveavatar_backend.fp8 import FP8_DTYPE, FP8_MAX, convert_to_fp8, quantize_per_tensor
+from liveavatar_backend.fp8 import FP8_DTYPE, FP8_MAX, convert_to_fp8, quantize_per_tensor, quantize_static
 from liveavatar_backend.pipeline import BlockSampler, Conditioning, GenerationPlan
 from liveavatar_backend.schedule import flow_match_schedule
 
@@ -184,8 +184,8 @@ def test_cudnn_fp8_attention_matches_the_emulation_and_replays_in_a_cuda_graph()
                               (FP8_MAX / k_amax, k_amax / FP8_MAX, FP8_MAX / v.abs().amax(), v.abs().amax() / FP8_MAX,
                                FP8_MAX / v_amax, v_amax / FP8_MAX)))
     k8, v8 = (torch.empty(b.shape, device="cuda", dtype=FP8_DTYPE)[:, :, 100: 100 + keys] for b in buffers)
-    k8.copy_(fa.quantise_static(k, scales.key[0]))
-    v8.copy_(fa.quantise_static(v, scales.value[0]))
+    k8.copy_(quantize_static(k, scales.key[0]))
+    v8.copy_(quantize_static(v, scales.value[0]))
     q8, q_inverse = fresh_q8()
 
     def emulated():
