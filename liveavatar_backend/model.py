@@ -227,7 +227,8 @@ class LiveAvatarDiT(nn.Module):
         x = self.patch_embedding(latents.to(self.device, self.dtype).unsqueeze(0)).flatten(2).transpose(1, 2)
         # contiguous: elementwise ops (eager and Inductor alike) keep their input's layout, so a
         # transposed x would stay transposed through all 40 layers and every LayerNorm would
-        # reduce over strided memory (3x slower at 704*384 on an H200, docs/PERFORMANCE.md)
+        # reduce over strided memory (at 704*384 on an H200 the norm after the text attention took
+        # 148 µs instead of 51, docs/PERFORMANCE.md)
         x = x.contiguous()
         return x + self.cond_encoder.bias.to(self.dtype) + self.trainable_cond_mask.weight[ROLE_NOISY].to(self.dtype)
 
