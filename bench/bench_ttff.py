@@ -9,8 +9,9 @@ frames), the sink prefill, the first block at all steps, and its streaming decod
     python bench/bench_ttff.py --memory-mode fast ...   # the DiT as a named memory mode runs it
 
 The DiT runs as the engine runs it in `--memory-mode` (quality: bf16; balanced: FP8 weights; fast:
-FP8 weights and FP8 attention over e4m3 caches). low_vram is not offered: its caches stream from
-host memory, which the CPU-side timing here would not show fairly.
+FP8 weights and FP8 attention over e4m3 caches). low_vram is not offered: the engine runs its
+audio encoder on the CPU, its VAE eager and its caches from host memory, which this bench does
+not model.
 """
 from __future__ import annotations
 
