@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import full_size_vae, make_decoder, random_dit, synthetic_conditioning  # noqa: E402
+from common import ClockSampler, full_size_vae, make_decoder, random_dit, synthetic_conditioning  # noqa: E402
 from floor import step_floor_ms                                      # noqa: E402
 from liveavatar_backend import block_ops                             # noqa: E402
 from liveavatar_backend import constants as C                        # noqa: E402
@@ -49,13 +49,13 @@ def plan_for(size: str, steps: int, clips: int) -> GenerationPlan:
 def run_clips(model, plan: GenerationPlan, offload: bool = False, graphs: bool = False, vae=None,
               overlap: bool = False, fp8_attention: bool = False):
     """Generate; returns (clean latents of every block, seconds per block, seconds to first frame,
-    decode seconds per block). With a `vae`, every block is decoded as it finishes, inside its
+    decode seconds per block, `time.time()` at the end of each block). With a `vae`, every block is decoded as it finishes, inside its
     time: in line (decode timed on its own too), or with `overlap` as the CLI does it, on the
     decoder's stream while the next block denoises (then only block 0's frames are waited for,
     for the time to first frame, and no decode time of its own is measured)."""
     cond = synthetic_conditioning(model, plan.height, plan.width)
     decoder = make_decoder(plan, vae=vae) if vae is not None else None     # primed: 7 latents decoded
-    blocks, times, decode_times = [], [], []
+    blocks, times, decode_times, ends = [], [], [], []
     torch.cuda.synchronize()                    # the priming stays out of the time to first block
     t0 = last = time.perf_counter()
     ttff = None
@@ -77,6 +77,7 @@ def run_clips(model, plan: GenerationPlan, offload: bool = False, graphs: bool =
         now = time.perf_counter()
         ttff = now - t0 if ttff is None else ttff
         times.append(now - last)
+        ends.append(time.time())
         last = now
         blocks.append(event.latents.float().cpu())
 
@@ -85,17 +86,23 @@ def run_clips(model, plan: GenerationPlan, offload: bool = False, graphs: bool =
         pass
     if decoder is not None:
         decoder.collect(wait=True)
-    return blocks, times, ttff, decode_times
+    return blocks, times, ttff, decode_times, ends
 
 
 def profile_clip(model, plan: GenerationPlan, offload: bool, path: Path, fp8_attention: bool = False) -> None:
     """One clip under torch.profiler (without CUDA graphs, so every kernel is listed); the kernel
-    table goes to `path`, its top lines to stdout."""
+    table goes to `path`, its top lines to stdout; the ATen ops grouped by input shapes go to
+    `<path>-shapes.txt` (which attention length, which copy). The profiled clip is a sampler's
+    first: its rings fill block by block, so its attention is shorter than at steady state."""
     from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU], record_shapes=True) as prof:
         run_clips(model, plan, offload, fp8_attention=fp8_attention)
     table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=45, max_name_column_width=110)
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(table)
+    by_shape = prof.key_averages(group_by_input_shape=True)
+    path.with_name(path.stem + "-shapes.txt").write_text(
+        by_shape.table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=60, max_shapes_column_width=100))
     print("\n".join(table.splitlines()[:14]), flush=True)
 
 
@@ -132,7 +139,7 @@ def main() -> None:
         eager_vae.decode_latents_per_call = args.decode_latents_per_call
         compiled_vae = copy.copy(eager_vae)
         compiled_vae.enable_compile()
-    rows, floors, reference = [], {}, {}
+    rows, floors, floor_sm_clock, reference = [], {}, {}, {}
     overlapped = args.decode and args.overlap
     decode_label = "+decode-overlap" if overlapped else "+decode" if args.decode else ""
     for mode in args.modes.split(","):
@@ -161,7 +168,8 @@ def main() -> None:
                 compile_s = time.perf_counter() - t
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-            blocks, times, ttff, decode_times = run_clips(model, plan, offload, graphs, vae, args.overlap, attn8)
+            with ClockSampler() as clocks:
+                blocks, times, ttff, decode_times, ends = run_clips(model, plan, offload, graphs, vae, args.overlap, attn8)
             peak_gb = torch.cuda.max_memory_allocated() / 1e9            # before the profile's own run
             if args.profile:
                 profile_clip(model, plan_for(size, steps, 1), offload,
@@ -177,7 +185,9 @@ def main() -> None:
             decode_s = statistics.median(decode_times[skip:]) if decode_times else None
             fp8 = mode.startswith("fp8")
             if (size, fp8) not in floors:
-                floors[(size, fp8)] = step_floor_ms(plan.layout, model.cfg, fp8=fp8)["step_ms"]
+                with ClockSampler() as floor_clocks:
+                    floors[(size, fp8)] = step_floor_ms(plan.layout, model.cfg, fp8=fp8)["step_ms"]
+                floor_sm_clock[(size, fp8)] = floor_clocks.summary().get("sm_clock_mhz")
             torch.cuda.set_per_process_memory_fraction(1.0)
             if mode == "bf16":
                 reference[(size, steps)] = blocks
@@ -195,7 +205,9 @@ def main() -> None:
                    "peak_gb": peak_gb, "memory_cap_gb": cap,
                    "floor_step_ms": floors[(size, fp8)],
                    "floor_ratio": 1000 * dit_s / steps / floors[(size, fp8)], "max_rel_err_vs_bf16_eager": err,
-                   "date": datetime.date.today().isoformat(), "torch": torch.__version__}
+                   "floor_sm_clock_mhz": floor_sm_clock[(size, fp8)],
+                   "date": datetime.date.today().isoformat(), "torch": torch.__version__,
+                   "clock_window": "steady-state blocks", **clocks.summary(since=ends[skip - 1])}
             print(json.dumps(row), flush=True)
             rows.append(row)
     name = torch.cuda.get_device_name().replace(" ", "-")
@@ -205,7 +217,7 @@ def main() -> None:
     print("FPS: DiT + decode (with --decode); ms/blk-step and ratio: DiT alone against the floor "
           "(DiT + overlapped decode with --overlap)")
     print(f"\n{'size':>9} {'steps':>5} {'mode':>30} {'FPS':>6} {'FPS DiT':>7} {'dec ms':>6} {'ms/blk-step':>11} "
-          f"{'TTFF s':>7} {'peak GB':>8} {'floor':>6} {'ratio':>6} {'rel.err':>8} {'compile s':>9}")
+          f"{'TTFF s':>7} {'peak GB':>8} {'floor':>6} {'ratio':>6} {'rel.err':>8} {'compile s':>9} {'SM MHz':>6} {'W':>4} {'floor MHz':>9}")
     for r in rows:
         err = "-" if r["max_rel_err_vs_bf16_eager"] is None else f"{r['max_rel_err_vs_bf16_eager']:.1e}"
         comp = "-" if r["compile_s"] is None else f"{r['compile_s']:.0f}"
@@ -213,7 +225,9 @@ def main() -> None:
         dit = "-" if r["fps_dit_only"] is None else f"{r['fps_dit_only']:.1f}"
         print(f"{r['size']:>9} {r['steps']:>5} {r['mode']:>30} {r['fps']:6.1f} {dit:>7} {dec:>6} "
               f"{r['ms_per_block_step']:11.1f} "
-              f"{r['ttff_s']:7.2f} {r['peak_gb']:8.1f} {r['floor_step_ms']:6.1f} {r['floor_ratio']:6.2f} {err:>8} {comp:>9}")
+              f"{r['ttff_s']:7.2f} {r['peak_gb']:8.1f} {r['floor_step_ms']:6.1f} {r['floor_ratio']:6.2f} {err:>8} {comp:>9} "
+              f"{r.get('sm_clock_mhz', float('nan')):6.0f} {r.get('power_w', float('nan')):4.0f} "
+              f"{r['floor_sm_clock_mhz'] or float('nan'):9.0f}")
 
 
 if __name__ == "__main__":

@@ -86,3 +86,54 @@ class Stopwatch:
     def __exit__(self, *exc):
         torch.cuda.synchronize()
         self.seconds = time.perf_counter() - self.t0
+
+
+class ClockSampler:
+    """Samples the GPU's SM clock, power draw and clock-event reasons (nvidia-smi, every 100 ms)
+    while the `with` body runs: sustained FP8/bf16 work at full size can hold the GPU at its power
+    limit, below the boost clock that isolated kernel timings (the floor) run at.
+
+    `summary(since)` gives medians over the samples taken after `since` (a `time.time()`), or {}
+    where nvidia-smi is missing or does not know the fields."""
+    FIELDS = "timestamp,clocks.sm,clocks.mem,power.draw,clocks_event_reasons.active"
+
+    def __init__(self, gpu: int = 0, period_ms: int = 100):
+        self.command = ["nvidia-smi", f"--id={gpu}", f"--query-gpu={self.FIELDS}",
+                        "--format=csv,noheader,nounits", f"-lms={period_ms}"]
+        self.samples: list[tuple[float, float, float, float, str]] = []   # (time, SM MHz, memory MHz, W, reasons)
+
+    def __enter__(self):
+        import subprocess
+        import tempfile
+        self._log = tempfile.TemporaryFile(mode="w+")
+        try:
+            self._process = subprocess.Popen(self.command, stdout=self._log, stderr=subprocess.DEVNULL, text=True)
+        except OSError:
+            self._process = None
+        return self
+
+    def __exit__(self, *exc):
+        if self._process is not None:
+            self._process.terminate()
+            self._process.wait()
+        self._log.seek(0)
+        import datetime
+        for line in self._log:
+            parts = [p.strip() for p in line.split(",")]
+            try:                             # nvidia-smi's timestamp is local time, as time.time() reads it
+                when = datetime.datetime.strptime(parts[0], "%Y/%m/%d %H:%M:%S.%f").timestamp()
+                self.samples.append((when, float(parts[1]), float(parts[2]), float(parts[3]), parts[4]))
+            except (ValueError, IndexError):
+                continue                     # a header, "[N/A]" or an unknown field
+        self._log.close()
+
+    def summary(self, since: float = 0.0) -> dict:
+        samples = [s for s in self.samples if s[0] >= since]
+        if not samples:
+            return {}
+        reasons = [s[4] for s in samples]
+        return {"sm_clock_mhz": statistics.median(s[1] for s in samples),
+                "mem_clock_mhz": statistics.median(s[2] for s in samples),
+                "power_w": statistics.median(s[3] for s in samples),
+                "clock_event_reasons": max(set(reasons), key=reasons.count),   # the most frequent bit mask
+                "clock_samples": len(samples)}
