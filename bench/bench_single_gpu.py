@@ -49,10 +49,11 @@ def plan_for(size: str, steps: int, clips: int) -> GenerationPlan:
 def run_clips(model, plan: GenerationPlan, offload: bool = False, graphs: bool = False, vae=None,
               overlap: bool = False, fp8_attention: bool = False):
     """Generate; returns (clean latents of every block, seconds per block, seconds to first frame,
-    decode seconds per block, `time.time()` at the end of each block). With a `vae`, every block is decoded as it finishes, inside its
-    time: in line (decode timed on its own too), or with `overlap` as the CLI does it, on the
-    decoder's stream while the next block denoises (then only block 0's frames are waited for,
-    for the time to first frame, and no decode time of its own is measured)."""
+    decode seconds per block, `time.time()` at the end of each block). With a `vae`, every block
+    is decoded as it finishes, inside its time: in line (decode timed on its own too), or with
+    `overlap` as the CLI does it, on the decoder's stream while the next block denoises (then only
+    block 0's frames are waited for, for the time to first frame, and no decode time of its own is
+    measured)."""
     cond = synthetic_conditioning(model, plan.height, plan.width)
     decoder = make_decoder(plan, vae=vae) if vae is not None else None     # primed: 7 latents decoded
     blocks, times, decode_times, ends = [], [], [], []

@@ -3,7 +3,10 @@ conditioning, timing with CUDA events. No checkpoint is needed: speed and memory
 the weight values (as long as they are finite and of realistic scale)."""
 from __future__ import annotations
 
+import datetime
 import statistics
+import subprocess
+import tempfile
 import time
 
 import torch
@@ -103,8 +106,6 @@ class ClockSampler:
         self.samples: list[tuple[float, float, float, float, str]] = []   # (time, SM MHz, memory MHz, W, reasons)
 
     def __enter__(self):
-        import subprocess
-        import tempfile
         self._log = tempfile.TemporaryFile(mode="w+")
         try:
             self._process = subprocess.Popen(self.command, stdout=self._log, stderr=subprocess.DEVNULL, text=True)
@@ -117,7 +118,6 @@ class ClockSampler:
             self._process.terminate()
             self._process.wait()
         self._log.seek(0)
-        import datetime
         for line in self._log:
             parts = [p.strip() for p in line.split(",")]
             try:                             # nvidia-smi's timestamp is local time, as time.time() reads it
