@@ -1,0 +1,48 @@
+"""CUDA graphs of whole denoising steps (`cuda_graphs.StepGraphs`), on a GPU: from clip 1 on, every
+(step, ring slot) is captured once and then replayed, and the replays give the blocks that the
+eager passes give. Skipped without a GPU (the CPU never uses graphs)."""
+import pytest
+import torch
+
+from liveavatar_backend import constants as C
+from liveavatar_backend.cuda_graphs import StepGraphs
+from liveavatar_backend.fixtures import tiny_dit
+from liveavatar_backend.pipeline import BlockSampler, Conditioning, GenerationPlan
+
+HEIGHT, WIDTH = 128, 192
+
+
+def conditioning(dit, device) -> Conditioning:
+    g = torch.Generator(device=device).manual_seed(0)
+    cfg = dit.cfg
+    with torch.no_grad():
+        text_kv = dit.text_context_kv(torch.randn(20, cfg.text_dim, generator=g, device=device, dtype=dit.dtype))
+    audio = torch.randn(cfg.audio_layers, cfg.audio_dim, 48, generator=g, device=device)
+    latents = [torch.randn(16, n, HEIGHT // 8, WIDTH // 8, generator=g, device=device, dtype=dit.dtype) for n in (1, 19)]
+    return Conditioning(*latents, text_kv, lambda first, count: audio[..., :count])
+
+
+def record_forward_passes(monkeypatch) -> list[bool]:
+    """StepGraphs' passes, each as True (inside a capture) or False (a warm-up run outside)."""
+    passes, forward = [], StepGraphs._forward
+
+    def counted(self, *args):
+        passes.append(torch.cuda.is_current_stream_capturing())
+        return forward(self, *args)
+    monkeypatch.setattr(StepGraphs, "_forward", counted)
+    return passes
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_graph_replays_give_the_eager_blocks(monkeypatch):
+    dit = tiny_dit(seed=0).to("cuda", torch.bfloat16)
+    plan = GenerationPlan(HEIGHT, WIDTH, 3, 3, seed=0)        # clip 1 captures, clip 2 only replays
+    cond = conditioning(dit, "cuda")
+    eager = [clip.float() for clip in BlockSampler(dit, plan, cond).clips()]
+    passes = record_forward_passes(monkeypatch)
+    graphed = [clip.float() for clip in BlockSampler(dit, plan, cond, cuda_graphs=True).clips()]
+    ring_slots = C.BLOCKS_PER_CLIP                             # a ring holds one clip of blocks
+    assert passes.count(True) == plan.steps * ring_slots       # one capture per (step, ring slot)
+    errors = [((g - e).norm() / e.norm()).item() for g, e in zip(graphed, eager)]
+    assert errors[0] < 1e-5, errors                            # clip 0 never uses graphs
+    assert max(errors) < 1e-2, errors                          # same kernels; cuBLAS may pick others under capture
