@@ -108,9 +108,16 @@ def profile_clip(model, plan: GenerationPlan, offload: bool, path: Path, fp8_att
 
 
 def clip_seconds(block_seconds: list[float]) -> list[float]:
-    """Seconds per clip from seconds per block (clip 0 includes the sink prefill)."""
+    """Seconds per clip from seconds per block. Clip 0 includes the sink prefill; clip 1 includes
+    the prefill of the rolling sink (run when clip 0 ends) and, with CUDA graphs, their captures."""
     per_clip = C.BLOCKS_PER_CLIP
     return [sum(block_seconds[i: i + per_clip]) for i in range(0, len(block_seconds), per_clip)]
+
+
+def steady_clocks(clocks: ClockSampler, start: float, end: float) -> dict:
+    """The clock fields of a row: over the steady-state blocks (after block `skip`, to the last)."""
+    summary = clocks.summary(since=start, until=end)
+    return {"clock_window": "steady-state blocks", **summary} if "sm_clock_mhz" in summary else summary
 
 
 def memory_cap_gb(mode: str, size: str) -> float | None:
@@ -146,7 +153,7 @@ def main() -> None:
         eager_vae.decode_latents_per_call = args.decode_latents_per_call
         compiled_vae = copy.copy(eager_vae)
         compiled_vae.enable_compile()
-    rows, floors, floor_sm_clock, reference = [], {}, {}, {}
+    rows, floors, floor_clocks, reference = [], {}, {}, {}
     overlapped = args.decode and args.overlap
     decode_label = "+decode-overlap" if overlapped else "+decode" if args.decode else ""
     for mode in args.modes.split(","):
@@ -154,7 +161,8 @@ def main() -> None:
             convert_to_fp8(model)
             torch.cuda.empty_cache()
         compile_s = None
-        offload, graphs = "lowvram" in mode, "graphs" in mode
+        offload = "lowvram" in mode
+        graphs = "graphs" in mode and not offload        # as BlockSampler decides
         attn8 = "attn8" in mode                  # FP8 attention over e4m3 caches (memory_mode 'fast')
         vae = None if not args.decode else compiled_vae if "-compiled" in mode and not offload else eager_vae
         if vae is not None:
@@ -195,13 +203,14 @@ def main() -> None:
             decode_s = statistics.median(decode_times[skip:]) if decode_times else None
             clip_s = clip_seconds(times)
             # with CUDA graphs, clip 1 captures one graph per (step, ring slot): its excess over a
-            # steady-state clip is what every job pays once (the graphs belong to the job's caches)
-            capture_s = clip_s[1] - statistics.median(clip_s[2:]) if graphs else None
+            # steady-state clip (captures + the rolling sink's prefill) is what every job pays once,
+            # since the graphs belong to the job's caches
+            clip1_extra_s = clip_s[1] - statistics.median(clip_s[2:]) if graphs else None
             fp8 = mode.startswith("fp8")
             if (size, fp8) not in floors:
-                with ClockSampler() as floor_clocks:
+                with ClockSampler() as sampler:
                     floors[(size, fp8)] = step_floor_ms(plan.layout, model.cfg, fp8=fp8)["step_ms"]
-                floor_sm_clock[(size, fp8)] = floor_clocks.summary().get("sm_clock_mhz")
+                floor_clocks[(size, fp8)] = {f"floor_{k}": v for k, v in sampler.summary().items()}
             torch.cuda.set_per_process_memory_fraction(1.0)
             if mode == "bf16":
                 reference[(size, steps)] = blocks
@@ -216,13 +225,13 @@ def main() -> None:
                    "ttff_includes": "prefill + first block" + (" + its decode" if args.decode else ", DiT only"),
                    "decode_latents_per_call": eager_vae.decode_latents_per_call if args.decode else None,
                    "compile_s": compile_s, "warm_up_clip_s": warm_up_clip_s, "clip_s": clip_s,
-                   "graph_capture_s": capture_s,
+                   "clip1_extra_s": clip1_extra_s,
                    "peak_gb": peak_gb, "memory_cap_gb": cap,
                    "floor_step_ms": floors[(size, fp8)],
                    "floor_ratio": 1000 * dit_s / steps / floors[(size, fp8)], "max_rel_err_vs_bf16_eager": err,
-                   "floor_sm_clock_mhz": floor_sm_clock[(size, fp8)],
+                   **floor_clocks[(size, fp8)],
                    "date": datetime.date.today().isoformat(), "torch": torch.__version__,
-                   "clock_window": "steady-state blocks", **clocks.summary(since=ends[skip - 1])}
+                   **steady_clocks(clocks, ends[skip - 1], ends[-1])}
             print(json.dumps(row), flush=True)
             rows.append(row)
     name = torch.cuda.get_device_name().replace(" ", "-")
@@ -232,18 +241,18 @@ def main() -> None:
     print("FPS: DiT + decode (with --decode); ms/blk-step and ratio: DiT alone against the floor "
           "(DiT + overlapped decode with --overlap)")
     print(f"\n{'size':>9} {'steps':>5} {'mode':>30} {'FPS':>6} {'FPS DiT':>7} {'dec ms':>6} {'ms/blk-step':>11} "
-          f"{'TTFF s':>7} {'peak GB':>8} {'floor':>6} {'ratio':>6} {'rel.err':>8} {'compile s':>9} {'capture s':>9} {'SM MHz':>6} {'W':>4} {'floor MHz':>9}")
+          f"{'TTFF s':>7} {'peak GB':>8} {'floor':>6} {'ratio':>6} {'rel.err':>8} {'compile s':>9} {'clip1+ s':>9} {'SM MHz':>6} {'W':>4} {'floor MHz':>9}")
     for r in rows:
         err = "-" if r["max_rel_err_vs_bf16_eager"] is None else f"{r['max_rel_err_vs_bf16_eager']:.1e}"
         comp = "-" if r["compile_s"] is None else f"{r['compile_s']:.0f}"
-        capture = "-" if r["graph_capture_s"] is None else f"{r['graph_capture_s']:.1f}"
+        capture = "-" if r["clip1_extra_s"] is None else f"{r['clip1_extra_s']:.1f}"
         dec = "-" if r["decode_ms_per_block"] is None else f"{r['decode_ms_per_block']:.0f}"
         dit = "-" if r["fps_dit_only"] is None else f"{r['fps_dit_only']:.1f}"
         print(f"{r['size']:>9} {r['steps']:>5} {r['mode']:>30} {r['fps']:6.1f} {dit:>7} {dec:>6} "
               f"{r['ms_per_block_step']:11.1f} "
               f"{r['ttff_s']:7.2f} {r['peak_gb']:8.1f} {r['floor_step_ms']:6.1f} {r['floor_ratio']:6.2f} {err:>8} {comp:>9} {capture:>9} "
               f"{r.get('sm_clock_mhz', float('nan')):6.0f} {r.get('power_w', float('nan')):4.0f} "
-              f"{r['floor_sm_clock_mhz'] or float('nan'):9.0f}")
+              f"{r.get('floor_sm_clock_mhz', float('nan')):9.0f}")
 
 
 if __name__ == "__main__":

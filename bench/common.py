@@ -96,25 +96,30 @@ class ClockSampler:
     while the `with` body runs: sustained FP8/bf16 work at full size can hold the GPU at its power
     limit, below the boost clock that isolated kernel timings (the floor) run at.
 
-    `summary(since)` gives medians over the samples taken after `since` (a `time.time()`), or {}
-    where nvidia-smi is missing or does not know the fields."""
-    FIELDS = "timestamp,clocks.sm,clocks.mem,power.draw,clocks_event_reasons.active"
+    `summary(since, until)` gives medians over the samples taken in that window (`time.time()`
+    values); {} where nvidia-smi is missing, and {"clock_error": …} where it failed."""
+    FIELDS = "timestamp,clocks.sm,clocks.mem,power.draw,clocks_event_reasons.active,power.limit,clocks.max.sm"
 
-    def __init__(self, gpu: int = 0, period_ms: int = 100):
-        self.command = ["nvidia-smi", f"--id={gpu}", f"--query-gpu={self.FIELDS}",
+    def __init__(self, device: int = 0, period_ms: int = 100):
+        self.command = ["nvidia-smi", f"--id={nvidia_smi_id(device)}", f"--query-gpu={self.FIELDS}",
                         "--format=csv,noheader,nounits", f"-lms={period_ms}"]
-        self.samples: list[tuple[float, float, float, float, str]] = []   # (time, SM MHz, memory MHz, W, reasons)
+        # (time, SM MHz, memory MHz, W, reasons, power limit W, max SM MHz)
+        self.samples: list[tuple[float, float, float, float, str, float, float]] = []
+        self.error = ""
 
     def __enter__(self):
-        self._log = tempfile.TemporaryFile(mode="w+")
+        self._log, self._errors = tempfile.TemporaryFile(mode="w+"), tempfile.TemporaryFile(mode="w+")
         try:
-            self._process = subprocess.Popen(self.command, stdout=self._log, stderr=subprocess.DEVNULL, text=True)
+            self._process = subprocess.Popen(self.command, stdout=self._log, stderr=self._errors, text=True)
         except OSError:
             self._process = None
         return self
 
     def __exit__(self, *exc):
         if self._process is not None:
+            if self._process.poll() not in (None, 0):         # it stopped on its own: bad id or field
+                self._errors.seek(0)
+                self.error = f"nvidia-smi exited with {self._process.returncode}: {self._errors.read().strip()[:200]}"
             self._process.terminate()
             self._process.wait()
         self._log.seek(0)
@@ -122,13 +127,17 @@ class ClockSampler:
             parts = [p.strip() for p in line.split(",")]
             try:                             # nvidia-smi's timestamp is local time, as time.time() reads it
                 when = datetime.datetime.strptime(parts[0], "%Y/%m/%d %H:%M:%S.%f").timestamp()
-                self.samples.append((when, float(parts[1]), float(parts[2]), float(parts[3]), parts[4]))
+                self.samples.append((when, float(parts[1]), float(parts[2]), float(parts[3]), parts[4],
+                                     float(parts[5]), float(parts[6])))
             except (ValueError, IndexError):
-                continue                     # a header, "[N/A]" or an unknown field
+                continue                     # a header or "[N/A]"
         self._log.close()
+        self._errors.close()
 
-    def summary(self, since: float = 0.0) -> dict:
-        samples = [s for s in self.samples if s[0] >= since]
+    def summary(self, since: float = 0.0, until: float = float("inf")) -> dict:
+        if self.error:
+            return {"clock_error": self.error}
+        samples = [s for s in self.samples if since <= s[0] <= until]
         if not samples:
             return {}
         reasons = [s[4] for s in samples]
@@ -136,4 +145,13 @@ class ClockSampler:
                 "mem_clock_mhz": statistics.median(s[2] for s in samples),
                 "power_w": statistics.median(s[3] for s in samples),
                 "clock_event_reasons": max(set(reasons), key=reasons.count),   # the most frequent bit mask
+                "power_limit_w": samples[-1][5], "max_sm_clock_mhz": samples[-1][6],
                 "clock_samples": len(samples)}
+
+
+def nvidia_smi_id(device: int) -> str:
+    """nvidia-smi's name for a CUDA device: its UUID (nvidia-smi's own indices need not follow
+    CUDA's order or CUDA_VISIBLE_DEVICES); the index where no GPU is visible."""
+    if not torch.cuda.is_available():
+        return str(device)
+    return f"GPU-{torch.cuda.get_device_properties(device).uuid}"
