@@ -1,10 +1,11 @@
 """CUDA graphs of whole denoising steps (`cuda_graphs.StepGraphs`), on a GPU: from clip 1 on, every
 (step, ring slot) is captured once and then replayed, and the replays give the blocks that the
-eager passes give. Skipped without a GPU (the CPU never uses graphs)."""
+passes without graphs give, with the layer functions eager and compiled (as the engine runs them).
+Skipped without a GPU (the CPU never uses graphs)."""
 import pytest
 import torch
 
-from liveavatar_backend import constants as C
+from liveavatar_backend import block_ops, constants as C
 from liveavatar_backend.cuda_graphs import StepGraphs
 from liveavatar_backend.fixtures import tiny_dit
 from liveavatar_backend.pipeline import BlockSampler, Conditioning, GenerationPlan
@@ -33,16 +34,27 @@ def record_forward_passes(monkeypatch) -> list[bool]:
     return passes
 
 
+@pytest.fixture(params=["eager", "compiled"])
+def layer_functions(request):
+    if request.param == "compiled":
+        supported, why = block_ops.compile_supported()
+        if not supported:
+            pytest.skip(why)
+        block_ops.enable_compile()
+    yield request.param
+    block_ops.disable_compile()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_graph_replays_give_the_eager_blocks(monkeypatch):
+def test_graph_replays_give_the_blocks_of_plain_passes(monkeypatch, layer_functions):
     dit = tiny_dit(seed=0).to("cuda", torch.bfloat16)
     plan = GenerationPlan(HEIGHT, WIDTH, 3, 3, seed=0)        # clip 1 captures, clip 2 only replays
     cond = conditioning(dit, "cuda")
-    eager = [clip.float() for clip in BlockSampler(dit, plan, cond).clips()]
+    plain = [clip.float() for clip in BlockSampler(dit, plan, cond).clips()]
     passes = record_forward_passes(monkeypatch)
     graphed = [clip.float() for clip in BlockSampler(dit, plan, cond, cuda_graphs=True).clips()]
     ring_slots = C.BLOCKS_PER_CLIP                             # a ring holds one clip of blocks
     assert passes.count(True) == plan.steps * ring_slots       # one capture per (step, ring slot)
-    errors = [((g - e).norm() / e.norm()).item() for g, e in zip(graphed, eager)]
+    errors = [((g - p).norm() / p.norm()).item() for g, p in zip(graphed, plain)]
     assert errors[0] < 1e-5, errors                            # clip 0 never uses graphs
     assert max(errors) < 1e-2, errors                          # same kernels; cuBLAS may pick others under capture
