@@ -5,6 +5,14 @@ identical shapes and buffer addresses, so the pass embed → 40 layers → head 
 (step, ring slot) and replayed: one launch instead of ~2,000. Inputs that change (latents, RoPE
 tables, audio tokens) are copied into static buffers before each replay. All graphs share one
 memory pool: they run one after another.
+
+The graphs hold the job's cache addresses, so every job captures its own, during clip 1 (16
+captures at 4 steps). What a capture costs on top of a replay is kept small:
+* ONE pass outside capture per job, on the stream the captures use: lazy initialisation (cuBLAS
+  workspaces, cuDNN plans, compiled kernels) happens there; a pass per capture would add a whole
+  extra forward to every block-step of clip 1;
+* no `torch.cuda.graph` context: it empties the allocator's cache before every capture, so the
+  eager work between captures has to allocate its memory from the driver again.
 """
 from __future__ import annotations
 
@@ -20,6 +28,7 @@ class StepGraphs:
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = torch.cuda.graph_pool_handle()
         self.static: dict[str, torch.Tensor] = {}
+        self.capture_stream: torch.cuda.Stream | None = None      # made with the first capture
 
     def ready(self, step: int) -> bool:
         """Graphs only apply once the step's ring is full (constant attention length)."""
@@ -39,6 +48,27 @@ class StepGraphs:
                                 self.bank.step(step), self.text_kv, (s["audio_tokens"], s["audio_global"]))
         return self.dit.unembed(x, t, self.bank.layout)
 
+    def _capture(self, t: float, first_frame: int, step: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        caller = torch.cuda.current_stream()
+        first = self.capture_stream is None
+        if first:
+            self.capture_stream = torch.cuda.Stream()
+        stream = self.capture_stream
+        stream.wait_stream(caller)                    # the staged inputs and earlier cache writes
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.stream(stream):
+            if first:                                 # warm-up outside capture (lazy inits), once per job
+                self._forward(t, first_frame, step)
+                torch.cuda.synchronize()
+            # thread_local: another thread of the host process (ComfyUI's) may use CUDA meanwhile
+            graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
+            try:
+                out = self._forward(t, first_frame, step)
+            finally:
+                graph.capture_end()
+        caller.wait_stream(stream)
+        return graph, out
+
     def velocity(self, latents, t: float, first_frame: int, reference_frame: int, step: int, audio) -> torch.Tensor:
         """Same result as `dit.denoise_block` (without advancing the cache), through a graph."""
         tables = self.dit.rope_tables(first_frame, latents.shape[1], reference_frame, self.bank.layout)
@@ -47,15 +77,7 @@ class StepGraphs:
             self._stage(name, value)
         key = (step, self.bank.layout.ring_slot(first_frame))
         if key not in self.graphs:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):                 # warm-up outside capture (lazy inits)
-                self._forward(t, first_frame, step)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                out = self._forward(t, first_frame, step)
-            self.graphs[key] = (graph, out)
+            self.graphs[key] = self._capture(t, first_frame, step)
         graph, out = self.graphs[key]
         graph.replay()
         return out.clone()
