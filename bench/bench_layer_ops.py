@@ -109,7 +109,11 @@ def main() -> None:
     parser.add_argument("--label", default="default", help="name of the Inductor setting in the rows")
     parser.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
+                        help="an Inductor setting for the layer functions, e.g. triton.multi_kernel=1 (repeatable)")
     args = parser.parse_args()
+    options = {name: int(value) if value.lstrip("-").isdigit() else value
+               for name, value in (o.split("=", 1) for o in args.option)} or None
     cfg = DiTConfig.wan_s2v_14b()
     width, height = parse_size(args.size)
     layout = CacheLayout(height // 16, width // 16)
@@ -129,13 +133,14 @@ def main() -> None:
         first, second, mm_first, mm_second = calls(block, inputs)
         block_ops.disable_compile()
         floor_first, floor_second = (cuda_time_ms(fn, warmup=3, repeat=20) for fn in (mm_first, mm_second))
-        block_ops.enable_compile()
+        block_ops.enable_compile(options=options)
         for name, fn, floor in (("attention_inputs", first, floor_first), ("finish_block", second, floor_second)):
             ms = cuda_time_ms(fn, warmup=3, repeat=20)
             rows.append({"device": torch.cuda.get_device_name(), "size": args.size, "mode": mode,
                          "function": name, "setting": args.label, "ms": ms, "matmul_ms": floor,
                          "overhead_ms": ms - floor,
                          "inductor_env": {k: os.environ[k] for k in INDUCTOR_SWITCHES if k in os.environ},
+                         "inductor_options": options,
                          "date": datetime.date.today().isoformat(), "torch": torch.__version__})
             if args.profile:
                 kernel_table(fn, f"{name}, {mode}, {args.label}", Path(args.out) / f"layer-kernels-{args.label}.txt")

@@ -1,6 +1,8 @@
 """Building blocks shared by the DiT and its audio injectors (Wan 2.x conventions)."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -20,6 +22,24 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, self.weight, self.eps)
+
+
+# GELU's tanh approximation: 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))) (Hendrycks & Gimpel 2016,
+# the `approximate="tanh"` of the Wan FFN)
+GELU_TANH_SCALE = math.sqrt(2.0 / math.pi)
+GELU_TANH_CUBIC = 0.044715
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """F.gelu(x, approximate="tanh"), computed in float32 (or float64) and rounded to x's dtype, written as
+    x·σ(2u) (= ½x(1 + tanh u), u = √(2/π)(x + 0.044715x³)).
+
+    The same function; the form is for the compiler: Inductor turns tanh into a libdevice call of
+    about twenty instructions, σ into one exponential and a division. Over the FFN's 3168 × 13824
+    hidden values per layer and step (704*384) the tanh made the FP8 path's amax pass compute-bound."""
+    x32 = x.to(torch.promote_types(x.dtype, torch.float32))
+    inner = x32 + GELU_TANH_CUBIC * x32 * x32 * x32
+    return (x32 * torch.sigmoid((2.0 * GELU_TANH_SCALE) * inner)).to(x.dtype)
 
 
 def layer_norm(x: torch.Tensor, eps: float = 1e-6, weight=None, bias=None) -> torch.Tensor:
