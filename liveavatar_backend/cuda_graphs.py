@@ -52,7 +52,7 @@ class StepGraphs:
         caller = torch.cuda.current_stream()
         first = self.capture_stream is None
         if first:
-            self.capture_stream = torch.cuda.Stream()
+            self.capture_stream = torch.cuda.Stream(self.dit.device)
         stream = self.capture_stream
         stream.wait_stream(caller)                    # the staged inputs and earlier cache writes
         graph = torch.cuda.CUDAGraph()
@@ -71,13 +71,15 @@ class StepGraphs:
 
     def velocity(self, latents, t: float, first_frame: int, reference_frame: int, step: int, audio) -> torch.Tensor:
         """Same result as `dit.denoise_block` (without advancing the cache), through a graph."""
-        tables = self.dit.rope_tables(first_frame, latents.shape[1], reference_frame, self.bank.layout)
-        for name, value in zip(("latents", "cos", "sin", "ref_cos", "ref_sin", "audio_tokens", "audio_global"),
-                               (latents, *tables, *audio)):
-            self._stage(name, value)
-        key = (step, self.bank.layout.ring_slot(first_frame))
-        if key not in self.graphs:
-            self.graphs[key] = self._capture(t, first_frame, step)
-        graph, out = self.graphs[key]
-        graph.replay()
-        return out.clone()
+        # captures and replays use the current device's streams: make it the DiT's (cuda:1, say)
+        with torch.cuda.device(self.dit.device):
+            tables = self.dit.rope_tables(first_frame, latents.shape[1], reference_frame, self.bank.layout)
+            for name, value in zip(("latents", "cos", "sin", "ref_cos", "ref_sin", "audio_tokens", "audio_global"),
+                                   (latents, *tables, *audio)):
+                self._stage(name, value)
+            key = (step, self.bank.layout.ring_slot(first_frame))
+            if key not in self.graphs:
+                self.graphs[key] = self._capture(t, first_frame, step)
+            graph, out = self.graphs[key]
+            graph.replay()
+            return out.clone()
