@@ -89,6 +89,15 @@ def bare_linear(x: torch.Tensor, layer):
                                     bias=layer.bias, out_dtype=x.dtype, use_fast_accum=True)
 
 
+def parse_option(value: str):
+    """An Inductor setting's value: True/False, a number, or else the string itself."""
+    import ast
+    try:
+        return ast.literal_eval({"true": "True", "false": "False"}.get(value.lower(), value))
+    except (ValueError, SyntaxError):
+        return value
+
+
 def kernel_table(fn, title: str, path: Path) -> None:
     """Append the kernels of 5 calls of fn to `path`."""
     from torch.profiler import ProfilerActivity, profile
@@ -112,8 +121,7 @@ def main() -> None:
     parser.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
                         help="an Inductor setting for the layer functions, e.g. triton.multi_kernel=1 (repeatable)")
     args = parser.parse_args()
-    options = {name: int(value) if value.lstrip("-").isdigit() else value
-               for name, value in (o.split("=", 1) for o in args.option)} or None
+    options = {name: parse_option(value) for name, value in (o.split("=", 1) for o in args.option)} or None
     cfg = DiTConfig.wan_s2v_14b()
     width, height = parse_size(args.size)
     layout = CacheLayout(height // 16, width // 16)

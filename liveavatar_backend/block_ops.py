@@ -93,11 +93,13 @@ def finish_block(x, attn_out, e0, modulation, o, norm3_weight, norm3_bias, cross
     x32 = x32 + linear(cross, cross_o).float()
     h = (layer_norm32(x32, eps) * (1 + mod[4]) + mod[3]).to(dtype)
     pre = linear(h, ffn_in)
-    # FP8 quantises the GELU's output: an amax pass and an e4m3 pass over 3168 × 13824 values
-    # (704*384), both compute-bound on Inductor's tanh; the σ form takes 49 + 55-58 µs per layer
-    # and step against 69 + 69 (H200). bf16 writes it once, a memory-bound pass where tanh was as
-    # fast (56-60 µs) and steadier (the σ form's kernel took 42 or 75-79 µs by Inductor's tuning).
-    hidden = gelu_tanh(pre) if len(ffn_out) == 3 else F.gelu(pre, approximate="tanh")
+    # Compiled FP8 quantises the GELU's output: an amax pass and an e4m3 pass over 3168 × 13824
+    # values (704*384), both compute-bound on Inductor's tanh; the σ form takes 49 + 55-58 µs per
+    # layer and step against 69 + 69 (H200). bf16 writes it once, a memory-bound pass where tanh
+    # took 56-60 µs and the σ form 75-79 µs in default builds. Eager, the σ form would be ~9 separate
+    # kernels (18x slower than F.gelu), so it is only used while compiling.
+    fused_sigmoid = len(ffn_out) == 3 and torch.compiler.is_compiling()
+    hidden = gelu_tanh(pre) if fused_sigmoid else F.gelu(pre, approximate="tanh")
     x32 = x32 + linear(hidden, ffn_out).float() * mod[5]
     return x32.to(dtype)
 

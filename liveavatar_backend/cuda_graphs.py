@@ -12,7 +12,8 @@ captures at 4 steps). What a capture costs on top of a replay is kept small:
   workspaces, cuDNN plans, compiled kernels) happens there; a pass per capture would add a whole
   extra forward to every block-step of clip 1;
 * no `torch.cuda.graph` context: it empties the allocator's cache before every capture, so the
-  eager work between captures has to allocate its memory from the driver again.
+  eager work between captures has to allocate its memory from the driver again; here the cache is
+  emptied once, before the job's first capture.
 """
 from __future__ import annotations
 
@@ -20,6 +21,17 @@ import torch
 
 from .kv_cache import KVCacheBank
 from .model import LiveAvatarDiT
+
+
+_CAPTURE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def capture_stream(device: torch.device) -> torch.cuda.Stream:
+    """One capture stream per device for the whole process: cuBLAS keeps a 32 MiB workspace per
+    (handle, stream), so a new stream per job would hold another 32 MiB after each job."""
+    if device not in _CAPTURE_STREAMS:
+        _CAPTURE_STREAMS[device] = torch.cuda.Stream(device)
+    return _CAPTURE_STREAMS[device]
 
 
 class StepGraphs:
@@ -52,7 +64,7 @@ class StepGraphs:
         caller = torch.cuda.current_stream()
         first = self.capture_stream is None
         if first:
-            self.capture_stream = torch.cuda.Stream(self.dit.device)
+            self.capture_stream = capture_stream(self.dit.device)
         stream = self.capture_stream
         stream.wait_stream(caller)                    # the staged inputs and earlier cache writes
         graph = torch.cuda.CUDAGraph()
@@ -60,6 +72,10 @@ class StepGraphs:
             if first:                                 # warm-up outside capture (lazy inits), once per job
                 self._forward(t, first_frame, step)
                 torch.cuda.synchronize()
+                # memory the eager passes cached goes back to the driver once, for the graphs' pool:
+                # an allocation that fails inside a capture cannot free cached blocks. Later captures
+                # reuse the pool (the same allocations in the same order)
+                torch.cuda.empty_cache()
             # thread_local: another thread of the host process (ComfyUI's) may use CUDA meanwhile
             graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
             try:
