@@ -40,7 +40,7 @@ class StepGraphs:
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = torch.cuda.graph_pool_handle()
         self.static: dict[str, torch.Tensor] = {}
-        self.capture_stream: torch.cuda.Stream | None = None      # made with the first capture
+        self.warmed_up = False                # one pass outside capture per job, before its first capture
 
     def ready(self, step: int) -> bool:
         """Graphs only apply once the step's ring is full (constant attention length)."""
@@ -61,22 +61,19 @@ class StepGraphs:
         return self.dit.unembed(x, t, self.bank.layout)
 
     def _capture(self, t: float, first_frame: int, step: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        caller = torch.cuda.current_stream()
-        first = self.capture_stream is None
-        if first:
-            self.capture_stream = capture_stream(self.dit.device)
-        stream = self.capture_stream
+        caller, stream = torch.cuda.current_stream(), capture_stream(self.dit.device)
         stream.wait_stream(caller)                    # the staged inputs and earlier cache writes
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.stream(stream):
-            if first:                                 # warm-up outside capture (lazy inits), once per job
+            if not self.warmed_up:                    # lazy inits happen outside capture, once per job
                 self._forward(t, first_frame, step)
                 torch.cuda.synchronize()
                 # memory the eager passes cached goes back to the driver once, for the graphs' pool:
                 # an allocation that fails inside a capture cannot free cached blocks. Later captures
                 # reuse the pool (the same allocations in the same order)
                 torch.cuda.empty_cache()
-            # thread_local: another thread of the host process (ComfyUI's) may use CUDA meanwhile
+                self.warmed_up = True
+            # thread_local: an unsafe CUDA call from another thread of the host process is not an error here
             graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
             try:
                 out = self._forward(t, first_frame, step)
