@@ -43,10 +43,13 @@ def linears(x: torch.Tensor, *weights: tuple) -> list[torch.Tensor]:
     return fp8_linears(x, list(weights))
 
 
-def attention_inputs(x, e0, modulation, q, k, v, norm_q, norm_k, cos, sin, num_heads: int, eps: float):
+def attention_inputs(x, e0, modulation, q, k, v, norm_q, norm_k, cos, sin, num_heads: int, eps: float,
+                     raw_keys: bool = False):
     """Self-attention inputs of one block: modulated LayerNorm, q/k/v, RMS norms, RoPE.
 
-    Returns (q_rot, k_rot, k_raw, v), each [1, heads, L, head_dim] in x's dtype."""
+    Returns (q_rot, k_rot, k_raw, v), each [1, heads, L, head_dim] over token-major [1, L, heads,
+    head_dim] memory, in x's dtype. The un-rotated keys k_raw (the sink prefill keeps the
+    reference's) are None unless `raw_keys`: as an output they would be one more write of L × dim."""
     dtype = x.dtype
     mod = modulation[0].float() + e0
     h = layer_norm32(x, eps).to(dtype).float() * (1 + mod[1]) + mod[0]
@@ -56,7 +59,7 @@ def attention_inputs(x, e0, modulation, q, k, v, norm_q, norm_k, cos, sin, num_h
     kh = rms_norm(k_out, norm_k, eps).unflatten(-1, (num_heads, -1))
     vh = v_out.unflatten(-1, (num_heads, -1))
     return (rotate(qh, cos, sin).transpose(1, 2), rotate(kh, cos, sin).transpose(1, 2),
-            kh.transpose(1, 2), vh.transpose(1, 2))
+            kh.transpose(1, 2) if raw_keys else None, vh.transpose(1, 2))
 
 
 def fp8_attention_inputs(q_rot, k_rot, v, key_scale, value_scale):

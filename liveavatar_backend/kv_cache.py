@@ -16,6 +16,12 @@ what lets the bf16 model plus caches fit an 80 GB card.
 
 The reference keys are re-rotated on every call (the sink's temporal position rolls), so their
 un-rotated form is kept in `sink_ref_k`; motion keys have fixed positions and are stored rotated.
+
+Memory order is token-major (`cache_tensor`): a buffer is seen as [1, heads, N, head_dim] but
+stored as [1, N, heads, head_dim], the order in which `block_ops.attention_inputs` produces keys
+and values. So a block's write into its ring slot is one dense copy (head-major buffers made it a
+gather of 256-byte rows, 41 µs per tensor, layer and step at 704*384 on an H200), and the low-VRAM
+bank's host<->GPU transfers are single memcpys.
 """
 from __future__ import annotations
 
@@ -24,6 +30,19 @@ import dataclasses
 import torch
 
 from .constants import LATENTS_PER_BLOCK, LATENTS_PER_CLIP
+
+
+def cache_tensor(tokens: int, num_heads: int, head_dim: int, **factory) -> torch.Tensor:
+    """Zeros seen as [1, heads, tokens, head_dim], stored token-major ([1, tokens, heads, head_dim])."""
+    return torch.zeros(1, tokens, num_heads, head_dim, **factory).transpose(1, 2)
+
+
+def token_major(x: torch.Tensor) -> torch.Tensor:
+    """x [1, heads, L, head_dim] over token-major memory: x itself if it is laid out so, else a copy."""
+    heads, _, head_dim = x.shape[1:]
+    if x.stride()[1:] == (head_dim, heads * head_dim, 1):
+        return x
+    return x.transpose(1, 2).contiguous().transpose(1, 2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,9 +156,9 @@ class KVCacheBank:
         self.k: dict[int, list[torch.Tensor]] = {}
         self.v: dict[int, list[torch.Tensor]] = {}
         for layer in layers:
-            shapes = [(1, num_heads, layout.cond_len + n * layout.ring_len, head_dim) for n in self.pair_sizes]
-            self.k[layer] = [torch.zeros(s, dtype=dtype, device=device) for s in shapes]
-            self.v[layer] = [torch.zeros(s, dtype=dtype, device=device) for s in shapes]
+            lengths = [layout.cond_len + n * layout.ring_len for n in self.pair_sizes]
+            self.k[layer] = [cache_tensor(n, num_heads, head_dim, dtype=dtype, device=device) for n in lengths]
+            self.v[layer] = [cache_tensor(n, num_heads, head_dim, dtype=dtype, device=device) for n in lengths]
         self.sink_ref_k: dict[int, torch.Tensor] = {}
         self.step_views = [StepCache(self, i) for i in range(steps)]
         self.scales = None      # fp8_attention.CacheScales when the buffers hold e4m3 keys/values

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from .constants import BLOCKS_PER_CLIP
-from .kv_cache import CacheLayout, KVCacheBank, StepCache
+from .kv_cache import CacheLayout, KVCacheBank, StepCache, cache_tensor, token_major
 
 
 class OffloadedKVCacheBank(KVCacheBank):
@@ -26,8 +26,8 @@ class OffloadedKVCacheBank(KVCacheBank):
         self.pair_sizes = [min(2, steps - 2 * p) for p in range((steps + 1) // 2)]
         pin = self.device.type == "cuda"
 
-        def host(tokens):
-            return torch.zeros(1, num_heads, tokens, head_dim, dtype=dtype, pin_memory=pin)
+        def host(tokens):            # token-major like the staging buffers: one memcpy per transfer
+            return cache_tensor(tokens, num_heads, head_dim, dtype=dtype, pin_memory=pin)
 
         # host chunks: cond per (layer, pair); ring per (layer, step, slot)
         self.host_cond = {(l, p): (host(layout.cond_len), host(layout.cond_len))
@@ -35,8 +35,8 @@ class OffloadedKVCacheBank(KVCacheBank):
         self.host_ring = {(l, s, b): (host(layout.block_tokens), host(layout.block_tokens))
                           for l in layers for s in range(steps) for b in range(BLOCKS_PER_CLIP)}
         widest = layout.cond_len + 2 * layout.ring_len
-        self.staging = [(torch.zeros(1, num_heads, widest, head_dim, dtype=dtype, device=device),
-                         torch.zeros(1, num_heads, widest, head_dim, dtype=dtype, device=device)) for _ in range(2)]
+        self.staging = [(cache_tensor(widest, num_heads, head_dim, dtype=dtype, device=device),
+                         cache_tensor(widest, num_heads, head_dim, dtype=dtype, device=device)) for _ in range(2)]
         self.copy_stream = torch.cuda.Stream(self.device) if pin else None
         self.loaded: dict[int, tuple] = {}          # slot -> (layer, step) it holds
         self.ready: dict[int, torch.cuda.Event] = {}
@@ -111,7 +111,7 @@ class OffloadedStepCache(StepCache):
     def write_block(self, layer: int, first_frame: int, k: torch.Tensor, v: torch.Tensor) -> None:
         super().write_block(layer, first_frame, k, v)
         block = self.layout.ring_slot(first_frame) // self.layout.block_tokens
-        self.bank.write_back(layer, self, block, k.contiguous(), v.contiguous())
+        self.bank.write_back(layer, self, block, token_major(k), token_major(v))
 
     def advance(self, first_frame: int) -> None:
         super().advance(first_frame)

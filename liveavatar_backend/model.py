@@ -26,7 +26,7 @@ from .block_ops import linear_weights
 from .config import DiTConfig
 from .fp8 import quantize_static
 from .fp8_attention import fp8_attention
-from .kv_cache import CacheLayout, KVCacheBank, StepCache
+from .kv_cache import CacheLayout, KVCacheBank, StepCache, token_major
 from .layers import AttentionWeights, CrossAttention, attention, layer_norm
 from .model_audio import AudioInjector, CausalAudioEncoder
 
@@ -55,14 +55,14 @@ class DiTBlock(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(cfg.dim, cfg.ffn_dim), nn.GELU(approximate="tanh"),
                                  nn.Linear(cfg.ffn_dim, cfg.dim))
 
-    def forward(self, x: torch.Tensor, e0: torch.Tensor, cos, sin, attend, text_kv) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, e0: torch.Tensor, cos, sin, attend, text_kv, raw_keys: bool = False):
         """x [1, L, dim]; e0 [6, dim] float32 (one modulation set for all tokens of the call);
         `attend(q_rot, k_rot, k_raw, v) -> out` decides which keys/values the tokens see (out as
-        `block_ops.attention_output` takes it)."""
+        `block_ops.attention_output` takes it); k_raw is None unless `raw_keys`."""
         sa, ca = self.self_attn, self.cross_attn
         q_rot, k_rot, k_raw, v = block_ops.compiled("attention_inputs")(
             x, e0, self.modulation, linear_weights(sa.q), linear_weights(sa.k), linear_weights(sa.v),
-            sa.norm_q.weight, sa.norm_k.weight, cos, sin, self.num_heads, self.eps)
+            sa.norm_q.weight, sa.norm_k.weight, cos, sin, self.num_heads, self.eps, raw_keys)
         out = attend(q_rot, k_rot, k_raw, v)
         return block_ops.compiled("finish_block")(
             x, out, e0, self.modulation, linear_weights(sa.o), self.norm3.weight, self.norm3.bias,
@@ -209,14 +209,14 @@ class LiveAvatarDiT(nn.Module):
                 if i in bank.sink_ref_k:      # refill in place: captured CUDA graphs keep pointing at it
                     bank.sink_ref_k[i].copy_(ref_k)
                 else:
-                    bank.sink_ref_k[i] = ref_k.contiguous()
+                    bank.sink_ref_k[i] = token_major(ref_k).clone()     # rotated into token-major caches
                 motion_k, cond_v = k_rot[:, :, layout.ref_len:], v
                 if scales is not None:        # e4m3 caches (FP8 attention); the sink's own attention stays bf16
                     motion_k, cond_v = quantize_static(motion_k, scales.key[i]), quantize_static(v, scales.value[i])
                 for cache in bank.all_steps():
                     cache.write_cond(i, motion_k, cond_v)
                 return attention(q_rot, k_rot, v)
-            x = self.blocks[i](x, e0_zero, cos, sin, attend, text_kv[i])   # compiled too: on the TTFF path
+            x = self.blocks[i](x, e0_zero, cos, sin, attend, text_kv[i], raw_keys=True)   # compiled: on the TTFF path
         return x
 
     # ------------------------------------------------------------------------- streaming blocks

@@ -174,6 +174,50 @@ def test_hidden_states_stay_contiguous_through_the_layers():
     assert len(seen) == 2 * cfg.num_layers and all(seen), seen
 
 
+def test_block_keys_and_values_go_into_token_major_caches_as_dense_copies(monkeypatch):
+    """`attention_inputs` gives keys/values over token-major memory and the caches are token-major
+    too, so a block's ring-slot write (and the low-VRAM bank's transfer to the host) copies one
+    dense range with equal strides on both sides, no gather. The un-rotated keys are computed
+    for the sink prefill only."""
+    from liveavatar_backend import block_ops
+    from liveavatar_backend.kv_cache import StepCache, token_major
+    from liveavatar_backend.kv_offload import OffloadedKVCacheBank
+    torch.manual_seed(0)
+    cfg = DiTConfig.tiny()
+    model = LiveAvatarDiT(cfg).eval()
+    layout = CacheLayout(4, 8)
+    writes, raw_keys = [], []
+    write_block, attention_inputs = StepCache.write_block, block_ops.attention_inputs
+
+    def record_write(cache, layer, first_frame, k, v):
+        keys, values = cache._buffers(layer)
+        where = cache._ring_range(layout.ring_slot(first_frame), k.shape[2])
+        writes.append((k, v, keys[:, :, where], values[:, :, where]))
+        write_block(cache, layer, first_frame, k, v)
+
+    def record_inputs(*args):
+        out = attention_inputs(*args)
+        raw_keys.append(out[2] is not None)
+        return out
+    monkeypatch.setattr(StepCache, "write_block", record_write)
+    monkeypatch.setattr(block_ops, "attention_inputs", record_inputs)
+    text_kv = model.text_context_kv(torch.randn(5, cfg.text_dim))
+    audio = model.encode_audio_block(torch.randn(cfg.audio_layers, cfg.audio_dim, 12), 73, 19)
+    for bank_type in (KVCacheBank, OffloadedKVCacheBank):
+        bank = bank_type(layout, range(cfg.num_layers), 2, cfg.num_heads, cfg.head_dim, torch.float32, "cpu")
+        with torch.no_grad():
+            model.prefill_sink(torch.randn(16, 1, 8, 16), torch.randn(16, 19, 8, 16), text_kv, bank)
+            model.denoise_block(torch.randn(16, 3, 8, 16), 1000.0, 0, 30, bank, bank.step(0), text_kv, audio)
+        assert all(token_major(bank.sink_ref_k[i]) is bank.sink_ref_k[i] for i in range(cfg.num_layers))
+    assert raw_keys == 2 * ([True] * cfg.num_layers + [False] * cfg.num_layers)
+    assert len(writes) == 2 * cfg.num_layers
+    for k, v, key_slot, value_slot in writes:
+        assert token_major(k) is k and token_major(v) is v
+        assert key_slot.stride()[1:] == k.stride()[1:] and value_slot.stride()[1:] == v.stride()[1:]
+    host_k, _ = bank.host_ring[(0, 0, 0)]
+    assert token_major(host_k) is host_k and token_major(bank.staging[0][0]) is bank.staging[0][0]
+
+
 def test_gelu_tanh_is_torch_gelu_tanh():
     """`layers.gelu_tanh` (x·σ(2u), the form the compiler turns into fast code) is the FFN's
     F.gelu(approximate="tanh"): equal in float64 up to rounding, and within two rounding steps of the
