@@ -13,6 +13,10 @@ layouts (q is a transposed [L, heads, dim] tensor, k/v are slices of the cache b
   o-projection can take it as its FP8 input without another quantisation pass;
 * `flex`: FlexAttention compiled, without a mask.
 
+`--kv-layouts head-major,token-major` runs them over cache buffers in either memory order
+([1, heads, N, dim] or [1, N, heads, dim]), and times the ring-slot write of one block's keys
+(`slot-write-*`, a [1, heads, L, dim] view of token-major rows, as `attention_inputs` gives them).
+
 Error: ‖out − ref‖/‖ref‖ against float32 attention of the same (bf16) inputs. `--sharpen` also
 measures the FP8 error with logits scaled up (random q/k give flat softmaxes; trained ones do not).
 
@@ -43,15 +47,38 @@ SDPA_BACKENDS = {"sdpa": None, "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION,
                  "sdpa-flash": SDPBackend.FLASH_ATTENTION, "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION}
 
 
-def engine_tensors(layout: CacheLayout, cfg: DiTConfig, dtype=torch.bfloat16, dev="cuda"):
+KV_LAYOUTS = ("head-major", "token-major")     # cache buffers [1, heads, N, dim] / [1, N, heads, dim]
+
+
+def cache_buffer(layout: CacheLayout, cfg: DiTConfig, kv_layout: str, dtype=torch.bfloat16, dev="cuda"):
+    """A paired cache buffer, seen as [1, heads, N, dim] whatever its memory order."""
+    heads, dim, length = cfg.num_heads, cfg.head_dim, layout.cond_len + 2 * layout.ring_len
+    if kv_layout == "token-major":
+        return torch.randn(1, length, heads, dim, device=dev).to(dtype).transpose(1, 2)
+    return torch.randn(1, heads, length, dim, device=dev).to(dtype)
+
+
+def engine_tensors(layout: CacheLayout, cfg: DiTConfig, kv_layout: str = "head-major", dtype=torch.bfloat16,
+                   dev="cuda"):
     """q [1, heads, block, dim] (BSHD in memory) and k/v: the active range of a full left ring."""
     heads, dim = cfg.num_heads, cfg.head_dim
     q = torch.randn(1, layout.block_tokens, heads, dim, device=dev).to(dtype).transpose(1, 2)
-    buffer_len = layout.cond_len + 2 * layout.ring_len
     active = slice(0, layout.ring_len + layout.cond_len)
-    k = torch.randn(1, heads, buffer_len, dim, device=dev).to(dtype)[:, :, active]
-    v = torch.randn(1, heads, buffer_len, dim, device=dev).to(dtype)[:, :, active]
+    k = cache_buffer(layout, cfg, kv_layout, dtype, dev)[:, :, active]
+    v = cache_buffer(layout, cfg, kv_layout, dtype, dev)[:, :, active]
     return q, k, v
+
+
+def slot_write_rows(layout: CacheLayout, cfg: DiTConfig, kv_layout: str):
+    """Writing one block's keys (a [1, heads, L, dim] view of token-major rows, as
+    `attention_inputs` returns them) into a ring slot of the buffer: what `write_block` does."""
+    buffer = cache_buffer(layout, cfg, kv_layout)
+    block = torch.randn(1, layout.block_tokens, cfg.num_heads, cfg.head_dim, device="cuda").to(buffer.dtype)
+    block = block.transpose(1, 2)
+    slot = buffer[:, :, layout.ring_len - layout.block_tokens: layout.ring_len]
+    ms = cuda_time_ms(lambda: slot.copy_(block))
+    gbytes = 2 * block.numel() * block.element_size() / 1e9
+    yield {"variant": f"slot-write-{kv_layout}", "ms": ms, "gb_per_s": gbytes / (ms * 1e-3)}
 
 
 def reference(q, k, v) -> torch.Tensor:
@@ -181,10 +208,45 @@ def flex_rows(q, k, v, ref):
         yield {"variant": "flex", "error": str(e).splitlines()[0][:200]}
 
 
+def size_rows(args, layout: CacheLayout, cfg: DiTConfig, kv_layout: str, wanted: set, size: str, device: str):
+    q, k, v = engine_tensors(layout, cfg, kv_layout)
+    ref = reference(q, k, v)
+    found = list(slot_write_rows(layout, cfg, kv_layout))
+    if "sdpa" in wanted:
+        found += list(sdpa_rows(q, k, v, ref))
+    for name, fn in (("cudnn-fe", cudnn_bf16_rows), ("cudnn-fe-fp8", cudnn_fp8_rows), ("flex", flex_rows)):
+        if name in wanted:
+            try:
+                found += list(fn(q, k, v, ref))
+            except Exception as e:                       # noqa: BLE001 (missing package, no support)
+                found.append({"variant": name, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"})
+    if "cudnn-fe-fp8" in wanted and args.sharpen != 1:
+        sharp_q = (q.float() * args.sharpen).to(q.dtype)
+        sharp_ref = reference(sharp_q, k, v)
+        sharp = list(sdpa_rows(sharp_q, k, v, sharp_ref))[:1]
+        sharp[0]["variant"] = f"sdpa-q×{args.sharpen:g}"
+        try:
+            sharp += list(cudnn_fp8_rows(sharp_q, k, v, sharp_ref, name=f"cudnn-fe-fp8-q×{args.sharpen:g}"))[:3]
+        except Exception as e:                           # noqa: BLE001
+            sharp.append({"variant": "cudnn-fe-fp8-sharp", "error": str(e).splitlines()[0][:200]})
+        found += sharp
+    out_stride = list(F.scaled_dot_product_attention(q, k, v).stride())
+    for row in found:
+        row.update(device=device, size=size, kv_layout=kv_layout, query_tokens=q.shape[2], keys=k.shape[2],
+                   sdpa_out_stride=out_stride, date=datetime.date.today().isoformat(),
+                   torch=torch.__version__, cudnn=torch.backends.cudnn.version())
+        if "ms" in row and not row["variant"].startswith("slot-write"):
+            row["tflops"] = tflops(q, k, row["ms"])
+    del q, k, v, ref
+    torch.cuda.empty_cache()
+    return found
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", default="704*384,384*256")
     ap.add_argument("--variants", default="sdpa,cudnn-fe,cudnn-fe-fp8,flex")
+    ap.add_argument("--kv-layouts", default="head-major", help=f"cache memory orders: {','.join(KV_LAYOUTS)}")
     ap.add_argument("--sharpen", type=float, default=4.0, help="extra FP8 error row with q scaled by this")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -195,44 +257,16 @@ def main() -> None:
     for size in args.sizes.split(","):
         height, width = parse_size(size)
         layout = CacheLayout(height // 16, width // 16)
-        q, k, v = engine_tensors(layout, cfg)
-        ref = reference(q, k, v)
-        found = []
-        if "sdpa" in wanted:
-            found += list(sdpa_rows(q, k, v, ref))
-        for name, fn in (("cudnn-fe", cudnn_bf16_rows), ("cudnn-fe-fp8", cudnn_fp8_rows), ("flex", flex_rows)):
-            if name in wanted:
-                try:
-                    found += list(fn(q, k, v, ref))
-                except Exception as e:                           # noqa: BLE001 (missing package, no support)
-                    found.append({"variant": name, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"})
-        if "cudnn-fe-fp8" in wanted and args.sharpen != 1:
-            sharp_q = (q.float() * args.sharpen).to(q.dtype)
-            sharp_ref = reference(sharp_q, k, v)
-            sharp = list(sdpa_rows(sharp_q, k, v, sharp_ref))[:1]
-            sharp[0]["variant"] = f"sdpa-q×{args.sharpen:g}"
-            try:
-                sharp += list(cudnn_fp8_rows(sharp_q, k, v, sharp_ref, name=f"cudnn-fe-fp8-q×{args.sharpen:g}"))[:3]
-            except Exception as e:                               # noqa: BLE001
-                sharp.append({"variant": "cudnn-fe-fp8-sharp", "error": str(e).splitlines()[0][:200]})
-            found += sharp
-        for row in found:
-            row.update(device=device, size=size, query_tokens=q.shape[2], keys=k.shape[2],
-                       date=datetime.date.today().isoformat(), torch=torch.__version__,
-                       cudnn=torch.backends.cudnn.version())
-            if "ms" in row:
-                row["tflops"] = tflops(q, k, row["ms"])
-        rows += found
-        del q, k, v, ref
-        torch.cuda.empty_cache()
+        for kv_layout in args.kv_layouts.split(","):
+            rows += size_rows(args, layout, cfg, kv_layout, wanted, size, device)
     out = args.out or f"bench/results/attention-{device.replace(' ', '-')}-{datetime.date.today()}.json"
     write_rows(out, rows)
-    print(f"\n{'size':8} {'variant':22} {'plan':>4} {'ms':>8} {'TFLOPS':>7} {'rel err':>8}  plan name / error")
+    print(f"\n{'size':8} {'kv layout':11} {'variant':22} {'plan':>4} {'ms':>8} {'TFLOPS':>7} {'rel err':>8}  "
+          f"plan name / error")
     for r in rows:
-        print(f"{r['size']:8} {r['variant']:22} {str(r.get('plan_index', '')):>4} {r.get('ms', float('nan')):8.3f} "
-              f"{r.get('tflops', float('nan')):7.0f} {r.get('rel_err', float('nan')):8.1e}  "
-              f"{r.get('plan', '')[:60]}{r.get('error', '')}")
-
+        print(f"{r['size']:8} {r['kv_layout']:11} {r['variant']:22} {str(r.get('plan_index', '')):>4} "
+              f"{r.get('ms', float('nan')):8.3f} {r.get('tflops', float('nan')):7.0f} "
+              f"{r.get('rel_err', float('nan')):8.1e}  {r.get('plan', '')[:60]}{r.get('error', '')}")
 
 if __name__ == "__main__":
     main()

@@ -5,7 +5,9 @@ of a 704*384 block):
 * `conv3d`: as diffusers runs it: time cache concatenated, F.pad, conv3d (NDHWC);
 * `conv3d-pad`: the spatial padding left to the convolution (no F.pad copy);
 * `conv2d-taps`: the three time taps stacked along channels, one conv2d over the frames
-  (weights [O, 3·C, 3, 3]); the stacking copy is timed with it.
+  (weights [O, 3·C, 3, 3]); the stacking copy is timed with it;
+* `conv3d-pad-autotuned` (with `--inductor`): `conv3d-pad` through torch.compile's max-autotune,
+  where Inductor times cuDNN against its Triton convolution templates and keeps the fastest.
 
 each with cuDNN's heuristic algorithm choice and with `torch.backends.cudnn.benchmark`. Every
 variant's output is compared with `conv3d` in float32 (must agree to bf16 rounding).
@@ -19,6 +21,7 @@ so the engine keeps diffusers' padding and times the algorithms (`vae.cudnn_auto
 """
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -67,6 +70,10 @@ def conv2d_taps(x, cache, w2d):
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--inductor", action="store_true", help="add the max-autotune variant (slow to compile)")
+    args = parser.parse_args()
+    autotuned = torch.compile(conv3d_pad, mode="max-autotune-no-cudagraphs", dynamic=False)
     rows = []
     torch.manual_seed(0)
     for name, cin, cout, frames, h, w in SHAPES:
@@ -79,6 +86,8 @@ def main() -> None:
             reference = conv3d(x.float(), cache.float(), w3.float())
             variants = {"conv3d": lambda: conv3d(x, cache, w3), "conv3d-pad": lambda: conv3d_pad(x, cache, w3),
                         "conv2d-taps": lambda: conv2d_taps(x, cache, w2)}
+            if args.inductor:
+                variants["conv3d-pad-autotuned"] = lambda: autotuned(x, cache, w3)
             for bench_flag in (False, True):
                 torch.backends.cudnn.benchmark = bench_flag
                 for variant, fn in variants.items():
