@@ -34,6 +34,7 @@ from liveavatar_backend import block_ops                             # noqa: E40
 from liveavatar_backend import constants as C                        # noqa: E402
 from liveavatar_backend.config import DiTConfig                      # noqa: E402
 from liveavatar_backend.fp8 import convert_to_fp8                    # noqa: E402
+from liveavatar_backend.loading import assemble_dit                  # noqa: E402
 from liveavatar_backend.pipeline import BlockSampler, GenerationPlan  # noqa: E402
 from liveavatar_backend.sizes import parse_size, target_size         # noqa: E402
 from liveavatar_backend.vae import DECODE_LATENTS_PER_CALL           # noqa: E402
@@ -147,7 +148,15 @@ def main() -> None:
                         help="latents per VAE decoder call (default: the engine's)")
     args = parser.parse_args()
     cases = [(s, int(n)) for s, n in (c.split(":") for c in args.cases.split(","))]
-    model = random_dit(DiTConfig.wan_s2v_14b(), "cuda")
+    cfg = DiTConfig.wan_s2v_14b()
+    torch.cuda.reset_peak_memory_stats()
+    if all(mode.startswith("fp8") for mode in args.modes.split(",")):     # as the engine loads FP8 modes
+        model = assemble_dit(lambda keep: random_dit(cfg, "cuda", keep=keep), cfg, fp8=True)
+    else:                                        # bf16 first (the reference); converted in place later
+        model = random_dit(cfg, "cuda")
+    torch.cuda.empty_cache()
+    load = {"load_peak_gb": torch.cuda.max_memory_allocated() / 1e9,
+            "reserved_unused_gb_after_load": (torch.cuda.memory_reserved() - torch.cuda.memory_allocated()) / 1e9}
     if args.decode:                  # the engine compiles the VAE except in low_vram (a smaller peak)
         eager_vae = full_size_vae("cuda")
         eager_vae.decode_latents_per_call = args.decode_latents_per_call
@@ -229,7 +238,7 @@ def main() -> None:
                    "peak_gb": peak_gb, "memory_cap_gb": cap,
                    "floor_step_ms": floors[(size, fp8)],
                    "floor_ratio": 1000 * dit_s / steps / floors[(size, fp8)], "max_rel_err_vs_bf16_eager": err,
-                   **floor_clocks[(size, fp8)],
+                   **floor_clocks[(size, fp8)], **load,
                    "date": datetime.date.today().isoformat(), "torch": torch.__version__,
                    **steady_clocks(clocks, ends[skip - 1], ends[-1])}
             print(json.dumps(row), flush=True)

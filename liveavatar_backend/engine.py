@@ -21,10 +21,9 @@ from . import constants as C
 from .audio import AudioFeatureExtractor
 from .clip_decoder import ClipDecoder
 from .errors import CheckpointError, InputError
-from .fp8 import convert_to_fp8
 from .image import preprocess_portrait
-from .lora import merge_lora, read_lora
-from .loading import load_dit
+from .lora import read_lora
+from .loading import assemble_dit, dit_config_for, load_dit
 from .memory_modes import memory_mode as memory_mode_by_name
 from .parallel import PipelineWorkers, external_world, parse_devices
 from .pipeline import BlockSampler, Conditioning, GenerationPlan, ProgressEvent, plan_generation
@@ -124,13 +123,14 @@ class LiveAvatarEngine:
                                                     offload_caches=mode.offload_caches, random=None), report=report)
             workers.start()
         else:
-            report(f"loading DiT from {spec.dit}")
-            dit = load_dit(spec.dit, device=device, dtype=dtype)
-            if spec.lora is not None:
-                report(f"merging LoRA {spec.lora}")
-                merge_lora(dit, read_lora(spec.lora), scale=spec.lora_scale, path_for_errors=spec.lora)
-            if mode.fp8_weights:
-                convert_to_fp8(dit, out_dtype=dtype)
+            report(f"loading DiT from {spec.dit}" + (f", merging LoRA {spec.lora}" if spec.lora else "")
+                   + (", converting to FP8 layer by layer" if mode.fp8_weights else ""))
+            cfg = dit_config_for(Path(spec.dit))
+            dit = assemble_dit(lambda keep: load_dit(spec.dit, device=device, dtype=dtype, cfg=cfg, keep=keep), cfg,
+                               fp8=mode.fp8_weights, lora=read_lora(spec.lora) if spec.lora else None,
+                               lora_scale=spec.lora_scale, lora_path=spec.lora, out_dtype=dtype)
+            if on_gpu:
+                torch.cuda.empty_cache()      # the bf16 groups' memory, for the caches and the decoder
         report("loading text encoder, VAE and audio encoder")
         # umT5-XXL (11 GB in bf16) lives in host memory and visits the GPU only to encode a prompt
         # (spec §4.3: the official single-GPU default offloads it too); low_vram encodes on the CPU.

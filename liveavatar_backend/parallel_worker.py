@@ -55,31 +55,30 @@ def load_stage_model(load: dict, rank: int, world: int, device: torch.device):
     """The DiT parameters of this rank's layer range: from the checkpoint, or random (benchmarks)."""
     from . import block_ops
     from .config import DiTConfig
-    from .fp8 import convert_to_fp8
-    from .loading import dit_config_for, load_dit
-    from .lora import merge_lora, read_lora, validate_lora
+    from .loading import assemble_dit, dit_config_for, load_dit
+    from .lora import read_lora
     from .pipeline_schedule import stage_layers
     from .stage import stage_parameters
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if load["random"] is not None:
+        from .fixtures import random_dit
         cfg = DiTConfig.wan_s2v_14b() if load["random"] == "14b" else DiTConfig.tiny()
+
+        def make_part(wanted):
+            return random_dit(cfg, device, dtype, keep=wanted)
     else:
         cfg = dit_config_for(Path(load["dit"]))
+
+        def make_part(wanted):
+            return load_dit(load["dit"], device=device, dtype=dtype, cfg=cfg, keep=wanted)
     layers = stage_layers(cfg.num_layers, world)[rank]
     keep = stage_parameters(cfg, layers, rank == 0, rank == world - 1)
-    if load["random"] is not None:
-        from .fixtures import random_dit
-        dit = random_dit(cfg, device, dtype, keep=keep)
-    else:
-        dit = load_dit(load["dit"], device=device, dtype=dtype, cfg=cfg, keep=keep)
-        if load["lora"] is not None:
-            lora = read_lora(load["lora"])
-            validate_lora(dit, lora, path_for_errors=load["lora"])     # the whole file, against every layer
-            merge_lora(dit, lora.subset(lambda module: keep(module + ".weight")),
-                       scale=load["lora_scale"], path_for_errors=load["lora"])
-    if load["fp8"]:
-        convert_to_fp8(dit, out_dtype=dtype)
+    lora = read_lora(load["lora"]) if load["random"] is None and load["lora"] is not None else None
+    dit = assemble_dit(make_part, cfg, fp8=load["fp8"], lora=lora, lora_scale=load["lora_scale"],
+                       lora_path=load["lora"], keep=keep, out_dtype=dtype)    # the LoRA checked whole, against every layer
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     if device.type == "cuda" and block_ops.compile_supported()[0]:   # the controller says why not
         block_ops.enable_compile()
     return dit

@@ -1,0 +1,90 @@
+"""`loading.assemble_dit`: the DiT with its LoRA merged and FP8 linears, built one layer group at a
+time so that the bf16 model is never on the device whole (32.6 GB at 14B: more than the 24 GB cards
+of 'low_vram'), with the values of loading whole, merging and converting."""
+import pytest
+import torch
+from torch import nn
+
+from liveavatar_backend.errors import CheckpointError
+from liveavatar_backend.fixtures import tiny_dit, write_sharded_dit
+from liveavatar_backend.fp8 import FP8_SKIPPED, convert_to_fp8
+from liveavatar_backend.loading import assemble_dit, dit_parameter_groups, load_dit
+from liveavatar_backend.lora import merge_lora, read_lora, write_tiny_lora
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("dit")
+    model = tiny_dit(seed=3)
+    write_sharded_dit(model, folder / "Wan2.2-S2V-14B")
+    lora = write_tiny_lora(folder / "liveavatar.safetensors", model, rank=4, spelling="peft", seed=3)
+    return folder / "Wan2.2-S2V-14B", lora, model.cfg
+
+
+def _bits(state: dict) -> dict:
+    return {name: t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t for name, t in state.items()}
+
+
+def _high_precision_linears(model: nn.Module) -> list[str]:
+    """Loaded nn.Linear layers that the FP8 conversion would have replaced."""
+    return [name for name, m in model.named_modules() if type(m) is nn.Linear and not m.weight.is_meta
+            and not any(s in name for s in FP8_SKIPPED)]
+
+
+def test_fp8_assembly_equals_loading_whole_merging_and_converting(checkpoint):
+    folder, lora_path, cfg = checkpoint
+    whole = load_dit(folder)
+    merge_lora(whole, read_lora(lora_path), path_for_errors=lora_path)
+    convert_to_fp8(whole, out_dtype=torch.float32)
+    assembled = assemble_dit(lambda keep: load_dit(folder, cfg=cfg, keep=keep), cfg, fp8=True,
+                             lora=read_lora(lora_path), lora_path=lora_path, out_dtype=torch.float32)
+    ours, theirs = _bits(assembled.state_dict()), _bits(whole.state_dict())
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[name], theirs[name]) for name in ours)
+    assert not _high_precision_linears(assembled)
+
+
+def test_fp8_assembly_holds_one_group_in_high_precision_at_a_time(checkpoint):
+    folder, lora_path, cfg = checkpoint
+    groups, parts = dit_parameter_groups(cfg), []
+
+    def make_part(keep):
+        for earlier in parts:                     # converted before the next group is read
+            assert not _high_precision_linears(earlier)
+        part = load_dit(folder, cfg=cfg, keep=keep)
+        loaded = [name for name, t in part.state_dict().items() if not t.is_meta]
+        assert sum(all(group(name) for name in loaded) for group in groups) == 1     # one group exactly
+        parts.append(part)
+        return part
+    assemble_dit(make_part, cfg, fp8=True, lora=read_lora(lora_path), lora_path=lora_path)
+    assert len(parts) == 1 + cfg.num_layers
+
+
+def test_fp8_assembly_of_a_layer_range_leaves_the_rest_on_meta(checkpoint):
+    folder, lora_path, cfg = checkpoint
+    layers = range(1, cfg.num_layers)
+
+    def keep(name):
+        return not name.startswith("blocks.") or int(name.split(".")[1]) in layers
+    part = assemble_dit(lambda wanted: load_dit(folder, cfg=cfg, keep=wanted), cfg, fp8=True,
+                        lora=read_lora(lora_path), lora_path=lora_path, keep=keep)
+    whole = assemble_dit(lambda wanted: load_dit(folder, cfg=cfg, keep=wanted), cfg, fp8=True,
+                         lora=read_lora(lora_path), lora_path=lora_path)
+    ours, theirs = _bits(part.state_dict()), _bits(whole.state_dict())
+    for name, tensor in ours.items():
+        if keep(name):
+            assert torch.equal(tensor, theirs[name]), name
+        else:
+            assert tensor.is_meta, name
+
+
+def test_a_mismatched_lora_fails_before_any_layer_is_read(checkpoint, tmp_path):
+    folder, _, cfg = checkpoint
+    other = tiny_dit(seed=0)
+    other.blocks[0].self_attn.q = nn.Linear(cfg.dim, cfg.dim + 8)      # a LoRA for another shape
+    bad = write_tiny_lora(tmp_path / "bad.safetensors", other, rank=4, spelling="peft")
+    reads = []
+    with pytest.raises(CheckpointError, match="bad.safetensors"):
+        assemble_dit(lambda keep: reads.append(keep) or load_dit(folder, cfg=cfg, keep=keep), cfg, fp8=True,
+                     lora=read_lora(bad), lora_path=bad)
+    assert reads == []
