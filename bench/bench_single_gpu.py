@@ -150,12 +150,14 @@ def main() -> None:
     cases = [(s, int(n)) for s, n in (c.split(":") for c in args.cases.split(","))]
     cfg = DiTConfig.wan_s2v_14b()
     torch.cuda.reset_peak_memory_stats()
-    if all(mode.startswith("fp8") for mode in args.modes.split(",")):     # as the engine loads FP8 modes
+    fp8_only = all(mode.startswith("fp8") for mode in args.modes.split(","))
+    if fp8_only:                                 # as the engine loads FP8 modes
         model = assemble_dit(lambda keep: random_dit(cfg, "cuda", keep=keep), cfg, fp8=True)
     else:                                        # bf16 first (the reference); converted in place later
         model = random_dit(cfg, "cuda")
     torch.cuda.empty_cache()
-    load = {"load_peak_gb": torch.cuda.max_memory_allocated() / 1e9,
+    load = {"load": "FP8, one layer group at a time" if fp8_only else "bf16 whole (FP8 rows: converted after it)",
+            "load_peak_gb": torch.cuda.max_memory_allocated() / 1e9,
             "reserved_unused_gb_after_load": (torch.cuda.memory_reserved() - torch.cuda.memory_allocated()) / 1e9}
     if args.decode:                  # the engine compiles the VAE except in low_vram (a smaller peak)
         eager_vae = full_size_vae("cuda")

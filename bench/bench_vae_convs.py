@@ -7,7 +7,8 @@ of a 704*384 block):
 * `conv2d-taps`: the three time taps stacked along channels, one conv2d over the frames
   (weights [O, 3·C, 3, 3]); the stacking copy is timed with it;
 * `conv3d-pad-autotuned` (with `--inductor`): `conv3d-pad` through torch.compile's max-autotune,
-  where Inductor times cuDNN against its Triton convolution templates and keeps the fastest.
+  where Inductor times cuDNN against its Triton convolution templates and keeps the fastest (its
+  choice is made once per shape, on the first call, with cuDNN's benchmark mode off).
 
 each with cuDNN's heuristic algorithm choice and with `torch.backends.cudnn.benchmark`. Every
 variant's output is compared with `conv3d` in float32 (must agree to bf16 rounding).

@@ -20,8 +20,8 @@ un-rotated form is kept in `sink_ref_k`; motion keys have fixed positions and ar
 Memory order is token-major (`cache_tensor`): a buffer is seen as [1, heads, N, head_dim] but
 stored as [1, N, heads, head_dim], the order in which `block_ops.attention_inputs` produces keys
 and values. So a block's write into its ring slot is one dense copy (head-major buffers made it a
-gather of 256-byte rows, 41 µs per tensor, layer and step at 704*384 on an H200), and the low-VRAM
-bank's host<->GPU transfers are single memcpys.
+gather of 256-byte rows: 55 against 36 µs per tensor and layer at 704*384 on an H200,
+bench/bench_attention.py), and the low-VRAM bank's host<->GPU transfers are single memcpys.
 """
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ Accepted layouts:
   dequantised (weight × scale) so that the LoRA merge sees real weights.
 
 Loading is strict: every expected key present exactly once, nothing unexpected, every shape right.
-`assemble_dit` adds the LoRA merge and the FP8 conversion, one layer at a time.
+`assemble_dit` adds the LoRA merge and the FP8 conversion (in FP8, one layer group at a time).
 """
 from __future__ import annotations
 
@@ -184,7 +184,8 @@ def assemble_dit(make_part: Callable[[Callable[[str], bool] | None], LiveAvatarD
     and converted before the next is read: the 14B DiT takes about 17 GB with FP8 linears but 32.6 GB
     in bf16, so reading it whole before converting would not fit the 24 GB cards that 'low_vram' is
     for. The device holds the converted groups plus one group in bf16 (at most 4.5 GB: the one outside
-    the blocks, with the time projection and the audio injectors). The values are those of reading
+    the blocks, with the time projection and the audio injectors) and the temporaries of one linear
+    (its float32 copy during the LoRA merge, its quantisation). The values are those of reading
     everything, merging (first, as the official code does) and converting."""
     from .fp8 import convert_to_fp8
     from .lora import merge_lora, validate_lora

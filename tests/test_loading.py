@@ -1,6 +1,8 @@
 """`loading.assemble_dit`: the DiT with its LoRA merged and FP8 linears, built one layer group at a
 time so that the bf16 model is never on the device whole (32.6 GB at 14B: more than the 24 GB cards
 of 'low_vram'), with the values of loading whole, merging and converting."""
+import weakref
+
 import pytest
 import torch
 from torch import nn
@@ -10,6 +12,8 @@ from liveavatar_backend.fixtures import tiny_dit, write_sharded_dit
 from liveavatar_backend.fp8 import FP8_SKIPPED, convert_to_fp8
 from liveavatar_backend.loading import assemble_dit, dit_parameter_groups, load_dit
 from liveavatar_backend.lora import merge_lora, read_lora, write_tiny_lora
+from liveavatar_backend.pipeline_schedule import stage_layers
+from liveavatar_backend.stage import stage_parameters
 
 
 @pytest.fixture(scope="module")
@@ -45,32 +49,37 @@ def test_fp8_assembly_equals_loading_whole_merging_and_converting(checkpoint):
 
 
 def test_fp8_assembly_holds_one_group_in_high_precision_at_a_time(checkpoint):
+    """When a group is read, every earlier group's high-precision weights are gone (freed, not
+    only replaced), and each read holds exactly one group."""
     folder, lora_path, cfg = checkpoint
-    groups, parts = dit_parameter_groups(cfg), []
+    groups, high_precision = dit_parameter_groups(cfg), []
 
     def make_part(keep):
-        for earlier in parts:                     # converted before the next group is read
-            assert not _high_precision_linears(earlier)
+        assert all(ref() is None for ref in high_precision)
         part = load_dit(folder, cfg=cfg, keep=keep)
         loaded = [name for name, t in part.state_dict().items() if not t.is_meta]
         assert sum(all(group(name) for name in loaded) for group in groups) == 1     # one group exactly
-        parts.append(part)
+        modules = dict(part.named_modules())
+        high_precision.extend(weakref.ref(modules[name].weight) for name in _high_precision_linears(part))
         return part
-    assemble_dit(make_part, cfg, fp8=True, lora=read_lora(lora_path), lora_path=lora_path)
-    assert len(parts) == 1 + cfg.num_layers
+    model = assemble_dit(make_part, cfg, fp8=True, lora=read_lora(lora_path), lora_path=lora_path)
+    assert len(high_precision) > cfg.num_layers and all(ref() is None for ref in high_precision)
+    assert not _high_precision_linears(model)
 
 
-def test_fp8_assembly_of_a_layer_range_leaves_the_rest_on_meta(checkpoint):
+@pytest.mark.parametrize("fp8", [True, False])
+def test_a_pipeline_stage_gets_its_layer_range_and_nothing_else(checkpoint, fp8):
+    """The middle rank of three (as a pipeline worker loads it): its parameters equal the whole
+    model's, everything else stays on the meta device."""
     folder, lora_path, cfg = checkpoint
-    layers = range(1, cfg.num_layers)
+    layers = stage_layers(cfg.num_layers, 3)[1]
+    keep = stage_parameters(cfg, layers, first=False, last=False)
 
-    def keep(name):
-        return not name.startswith("blocks.") or int(name.split(".")[1]) in layers
-    part = assemble_dit(lambda wanted: load_dit(folder, cfg=cfg, keep=wanted), cfg, fp8=True,
-                        lora=read_lora(lora_path), lora_path=lora_path, keep=keep)
-    whole = assemble_dit(lambda wanted: load_dit(folder, cfg=cfg, keep=wanted), cfg, fp8=True,
-                         lora=read_lora(lora_path), lora_path=lora_path)
-    ours, theirs = _bits(part.state_dict()), _bits(whole.state_dict())
+    def build(keep_range):
+        return assemble_dit(lambda wanted: load_dit(folder, cfg=cfg, keep=wanted), cfg, fp8=fp8,
+                            lora=read_lora(lora_path), lora_path=lora_path, keep=keep_range)
+    ours, theirs = _bits(build(keep).state_dict()), _bits(build(None).state_dict())
+    assert any(not keep(name) for name in ours) and any(keep(name) for name in ours)
     for name, tensor in ours.items():
         if keep(name):
             assert torch.equal(tensor, theirs[name]), name
