@@ -191,22 +191,22 @@ def assemble_dit(make_part: Callable[[Callable[[str], bool] | None], LiveAvatarD
     from .lora import merge_lora, validate_lora
     if lora is not None:
         validate_lora(build_empty_dit(cfg), lora, path_for_errors=lora_path)
-    if not fp8:
-        model = make_part(keep)
-        adapted = lora.subset(lambda module: keep is None or keep(module + ".weight")) if lora else None
+
+    def read_and_merge(wanted):
+        part = make_part(wanted)
+        adapted = lora.subset(lambda module: wanted is None or wanted(module + ".weight")) if lora else None
         if adapted:
-            merge_lora(model, adapted, scale=lora_scale, path_for_errors=lora_path)
-        return model
+            merge_lora(part, adapted, scale=lora_scale, path_for_errors=lora_path)
+        return part
+    if not fp8:
+        return read_and_merge(keep)
     names = list(expected_shapes(cfg))
     model = None
     for index, group in enumerate(dit_parameter_groups(cfg)):
         wanted = group if keep is None else (lambda name, group=group: group(name) and keep(name))
         if not any(wanted(name) for name in names):
             continue                                   # a layer of another device
-        part = make_part(wanted)
-        adapted = lora.subset(lambda module: wanted(module + ".weight")) if lora else None
-        if adapted:
-            merge_lora(part, adapted, scale=lora_scale, path_for_errors=lora_path)
+        part = read_and_merge(wanted)
         convert_to_fp8(part, out_dtype=out_dtype)
         if model is None:
             model = part
