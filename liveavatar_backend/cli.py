@@ -8,6 +8,11 @@ from pathlib import Path
 
 from .errors import CheckpointError, GenerationInterrupted, InputError
 from .memory_modes import MEMORY_MODES
+from .render import DECODE_PLACEMENTS
+
+
+def _report(message: str) -> None:
+    print(message, file=sys.stderr)
 
 
 def _generate(args) -> int:
@@ -17,6 +22,7 @@ def _generate(args) -> int:
     from .audio import load_audio, to_16k_mono
     from .engine import LiveAvatarEngine, ModelSpec
     from .image import load_portrait
+    from .render import render
     from .video import Mp4Writer
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -25,29 +31,17 @@ def _generate(args) -> int:
     wave, rate = load_audio(args.audio)
     voice = to_16k_mono(wave, rate)
     spec = ModelSpec.from_folder(args.ckpt_dir, lora=args.lora)
-    engine = LiveAvatarEngine.load(spec, device=args.device, memory_mode=args.memory_mode,
-                                   report=lambda msg: print(msg, file=sys.stderr))
+    engine = LiveAvatarEngine.load(spec, device=args.device, memory_mode=args.memory_mode, report=_report)
     job = engine.prepare(portrait, voice, args.prompt, size=args.size, num_clips=args.num_clip,
                          steps=args.steps, seed=args.seed)
     plan = job.plan
     print(f"{plan.width}x{plan.height}, {plan.num_clips} clips, {plan.num_frames} frames, {plan.steps} steps",
           file=sys.stderr)
-    decoder = engine.decoder(job.decoder_warm_up)
-    bar = tqdm(total=plan.total_block_steps, unit="block-step", desc="generating")
     try:
         with Mp4Writer(args.out, plan.width, plan.height, fps=25, audio=(voice, 16000)) as writer:
-            def on_progress(event):
-                bar.update(event.done - bar.n)
-                if event.latents is not None:   # a block is clean: it decodes while the next one denoises
-                    decoder.submit(event.latents)
-                    for frames in decoder.collect():
-                        writer.write(frames)
-            for _ in engine.sample(job, on_progress=on_progress):
-                pass
-            for frames in decoder.collect(wait=True):
-                writer.write(frames)
+            render(engine, job, writer.write, decode=args.decode, spill_dir=Path(args.out).resolve().parent,
+                   report=_report, progress=tqdm)
     finally:
-        bar.close()
         engine.close()
     print(f"wrote {args.out}", file=sys.stderr)
     return 0
@@ -88,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                       "the DiT over them; external:N waits for N torchrun workers")
     gen.add_argument("--memory-mode", default="quality", choices=list(MEMORY_MODES),
                      help="quality (bf16), balanced (FP8 weights), fast (FP8 weights and attention), low_vram")
+    gen.add_argument("--decode", default="auto", choices=DECODE_PLACEMENTS,
+                     help="where the VAE decode runs: alongside sampling (frames stream out as they render), "
+                          "after it (latents wait on disk; for when the decoder does not fit beside the caches), "
+                          "or auto: alongside where it fits (default)")
     gen.add_argument("--out", required=True, help="output .mp4")
     gen.set_defaults(run=_generate)
     tiny = sub.add_parser("make-tiny-checkpoints", help="write tiny random checkpoints in the published layouts")

@@ -26,7 +26,8 @@ from .lora import read_lora
 from .loading import assemble_dit, dit_config_for, load_dit
 from .memory_modes import memory_mode as memory_mode_by_name
 from .parallel import PipelineWorkers, external_world, parse_devices
-from .pipeline import BlockSampler, Conditioning, GenerationPlan, ProgressEvent, plan_generation
+from .pipeline import (BlockSampler, Conditioning, GenerationPlan, ProgressEvent, plan_generation,
+                       sampling_gpu_bytes)
 from .sizes import parse_size
 from .text import TextEncoder
 from .vae import WanVAE
@@ -200,6 +201,14 @@ class LiveAvatarEngine:
     def decoder(self, warm_up: torch.Tensor) -> ClipDecoder:
         """A fresh streaming decoder for one video, primed with the job's warm-up latents."""
         return ClipDecoder(self.vae, warm_up.to(self.device))
+
+    def sampling_gpu_bytes(self, plan: GenerationPlan) -> int | None:
+        """GPU memory a generation adds on this engine's device (caches and working memory), or
+        None where the DiT does not run there (CPU, or layer ranges on worker processes)."""
+        if self.workers is not None or self.device.type != "cuda":
+            return None
+        return sampling_gpu_bytes(self.dit.cfg, plan, offload_caches=self.mode.offload_caches,
+                                  fp8_attention=self.mode.fp8_attention, dtype=self.dtype)
 
     def sample(self, job: Job, on_progress: Callable[[ProgressEvent], None] | None = None,
                should_stop: Callable[[], bool] | None = None) -> Iterator[torch.Tensor]:

@@ -185,6 +185,33 @@ class BlockSampler:
         self.bank.release()
 
 
+# Working memory of one block's forward besides the caches, in bytes per query token: the float32
+# residual stream and its bf16 norm/q/k/v/attention copies (≈ 16 bytes per model dim) and the FFN's
+# hidden states before and after the GELU (≈ 6 bytes per FFN dim, as bf16 with slack). On an H200 at
+# 704*384, 4 steps, bf16 the DiT alone peaked at 80.0 GB against 79.3 GB of weights, caches and
+# text keys/values (PERFORMANCE.md, 2026-12-03): ≈ 0.7 GB, which this estimate covers.
+WORKSPACE_BYTES_PER_TOKEN_DIM = 16
+WORKSPACE_BYTES_PER_TOKEN_FFN = 6
+LIBRARY_WORKSPACE_BYTES = 512 * 2 ** 20   # cuBLAS/cuDNN workspaces, graph static buffers, rounding
+
+
+def sampling_gpu_bytes(cfg, plan: GenerationPlan, *, offload_caches: bool, fp8_attention: bool,
+                       dtype: torch.dtype = torch.bfloat16) -> int:
+    """GPU memory one generation adds to the loaded model: every step's caches (or, offloaded, the
+    two staging slots), the sink's un-rotated keys, and an estimate of one block's working memory.
+    The CLI compares it with the free memory to decide whether the VAE decoder fits beside it."""
+    lay = plan.layout
+    cache_dtype = FP8_DTYPE if fp8_attention else dtype
+    elem = torch.empty((), dtype=cache_dtype).element_size()
+    if offload_caches:
+        caches = 2 * 2 * (lay.cond_len + 2 * lay.ring_len) * cfg.dim * elem     # 2 slots × (k, v)
+    else:
+        caches = lay.bank_bytes(cfg.num_layers, plan.steps, cfg.dim, cache_dtype)
+    sink_keys = cfg.num_layers * lay.ref_len * cfg.dim * torch.empty((), dtype=dtype).element_size()
+    workspace = lay.block_tokens * (WORKSPACE_BYTES_PER_TOKEN_DIM * cfg.dim + WORKSPACE_BYTES_PER_TOKEN_FFN * cfg.ffn_dim)
+    return caches + sink_keys + workspace + LIBRARY_WORKSPACE_BYTES
+
+
 def plan_generation(*, image_height: int, image_width: int, area: int, audio_frames: int,
                     max_clips: int | None, steps: int, seed: int) -> GenerationPlan:
     """Resolution from the portrait and the area (spec §3.1); clips from the audio (spec §3.2)."""
