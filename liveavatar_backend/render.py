@@ -64,10 +64,13 @@ class LatentSpill:
 
 
 def free_gpu_bytes(device: torch.device) -> int:
-    """What this process can still allocate on `device`: the driver's free memory plus what the
-    caching allocator holds but does not use."""
-    free, _ = torch.cuda.mem_get_info(device)
-    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    """What this process can still allocate on `device`: what the allocator may still reserve
+    (the driver's free memory, within any `torch.cuda.set_per_process_memory_fraction` cap) plus
+    what it holds reserved but unused."""
+    driver_free, total = torch.cuda.mem_get_info(device)
+    reserved = torch.cuda.memory_reserved(device)
+    cap = int(torch.cuda.get_per_process_memory_fraction(device) * total)
+    return min(driver_free, max(0, cap - reserved)) + reserved - torch.cuda.memory_allocated(device)
 
 
 def choose_placement(requested: str, sampling_bytes: int | None, decoder_bytes: int,

@@ -60,6 +60,17 @@ def test_placement_choices():
         choose_placement("later", 1, 1, 1)
 
 
+def test_free_memory_honours_a_per_process_cap(monkeypatch):
+    from liveavatar_backend import render as module
+    fake = dict(mem_get_info=lambda device: (50 * GB, 80 * GB), memory_reserved=lambda device: 10 * GB,
+                memory_allocated=lambda device: 8 * GB, get_per_process_memory_fraction=lambda device: 1.0)
+    for name, value in fake.items():
+        monkeypatch.setattr(module.torch.cuda, name, value)
+    assert module.free_gpu_bytes("cuda") == 52 * GB          # the driver's free + cached, unused
+    monkeypatch.setattr(module.torch.cuda, "get_per_process_memory_fraction", lambda device: 0.5)
+    assert module.free_gpu_bytes("cuda") == 32 * GB          # a 40 GB cap of which 10 are reserved
+
+
 def test_latent_spill_round_trip_leaves_no_file(tmp_path):
     tensors = [torch.randn(16, 12, 6, 8).to(torch.bfloat16), torch.randn(2, 3), torch.arange(5)]
     with LatentSpill(tmp_path) as spill:
