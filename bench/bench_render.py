@@ -2,8 +2,9 @@
 (alongside sampling, or after it with the latents on disk), whether it fits, and what it costs.
 
 Builds an engine around the full-size DiT and VAE with random weights (no checkpoint; synthetic
-text and audio conditioning, as bench_single_gpu does), then runs `render.render` exactly as
-`python -m liveavatar_backend generate` does, collecting frames instead of writing an mp4.
+text and audio conditioning, as bench_single_gpu does), then runs `render.render` as
+`python -m liveavatar_backend generate` does, collecting frames instead of writing an mp4. Not
+on the GPU here, unlike the command line: wav2vec2 (0.6 GB; umT5 is on the host there too).
 
     python bench/bench_render.py --size 704*384 --steps 4 --memory-mode quality --decode auto --clips 4
 """
@@ -86,6 +87,7 @@ def timed_render(engine, job, decode: str, spill_dir: Path) -> dict:
     """Renders once. Steady FPS: a clip's frames over its sampling time (clips 2 on: clip 0 holds
     the prefill, clip 1 the CUDA-graph captures), plus its decode time where decoding comes after."""
     first_frame, frames_seen, messages = None, 0, []
+    ClipClock.ends = {}
     ClipClock.block_steps_per_clip = C.BLOCKS_PER_CLIP * job.plan.steps
 
     def take(frames: torch.Tensor) -> None:
@@ -136,6 +138,7 @@ def main() -> None:
         try:
             warm = make_job(engine, args.size, args.steps, 2)       # compiles, captures, autotunes
             render(engine, warm, lambda frames: None, decode=decode, spill_dir=out, report=lambda message: None)
+            del warm                                                 # its text keys/values
             torch.cuda.empty_cache()
             row.update(timed_render(engine, make_job(engine, args.size, args.steps, args.clips), decode, out))
         except torch.cuda.OutOfMemoryError as exc:

@@ -30,8 +30,8 @@ MEMORY_HEADROOM_BYTES = 2 ** 30
 
 
 class LatentSpill:
-    """Tensors parked in an unnamed temporary file (removed when closed, or when the process ends
-    however it ends), read back in the order written."""
+    """Tensors parked in a temporary file, read back in the order written. On POSIX systems the
+    file has no name, so it goes however the process ends; elsewhere it is deleted when closed."""
 
     def __init__(self, directory: str | Path | None = None):
         self.file = tempfile.TemporaryFile(dir=directory)
@@ -69,7 +69,8 @@ def free_gpu_bytes(device: torch.device) -> int:
     what it holds reserved but unused."""
     driver_free, total = torch.cuda.mem_get_info(device)
     reserved = torch.cuda.memory_reserved(device)
-    cap = int(torch.cuda.get_per_process_memory_fraction(device) * total)
+    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)    # torch ≥ 2.6
+    cap = int(fraction(device) * total) if fraction is not None else total
     return min(driver_free, max(0, cap - reserved)) + reserved - torch.cuda.memory_allocated(device)
 
 
@@ -77,8 +78,9 @@ def choose_placement(requested: str, sampling_bytes: int | None, decoder_bytes: 
                      free_bytes: int) -> tuple[str, str]:
     """('alongside' or 'after', why, for the log; empty when nothing needs saying).
 
-    `sampling_bytes`: what sampling adds on the GPU (None: the DiT is elsewhere, so the decoder
-    does not compete with it); `decoder_bytes`: the decoder's working memory per call."""
+    `sampling_bytes`: what sampling adds on the GPU (None: not estimated, on the CPU or with the
+    DiT's layers on worker processes; then the decoder runs alongside as before);
+    `decoder_bytes`: the decoder's working memory per call."""
     if requested not in DECODE_PLACEMENTS:
         raise InputError(f"decode {requested!r}: choose one of {', '.join(DECODE_PLACEMENTS)}")
     if requested != "auto":
@@ -92,8 +94,8 @@ def choose_placement(requested: str, sampling_bytes: int | None, decoder_bytes: 
     return "after", (f"decoding after sampling: the DiT's caches and working memory ({sampling_bytes / gb:.1f} GB) "
                      f"and the VAE decoder ({decoder_bytes / gb:.1f} GB) do not fit together in the "
                      f"{free_bytes / gb:.1f} GB free on the GPU, so the latents wait on disk and the frames "
-                     "come at the end. To stream frames as they render, use --memory-mode balanced "
-                     "(FP8 weights) or a smaller --size.")
+                     "come at the end. To stream frames as they render, use a lighter --memory-mode "
+                     "(balanced: FP8 weights; low_vram) or a smaller --size.")
 
 
 def primed_decoder(engine, job):
@@ -120,6 +122,8 @@ def render(engine, job, write_frames: Callable[[torch.Tensor], None], *, decode:
     placement, why = choose_placement(decode, sampling_bytes, decoder_bytes, free_bytes)
     if why:
         report(why)
+    if placement == "after" and engine.device.type == "cuda":
+        torch.cuda.empty_cache()       # the priming's cached blocks, for sampling; decoding comes later
     make_bar = progress or _NoBar
     with make_bar(total=job.plan.total_block_steps, unit="block-step", desc="generating") as bar:
         if placement == "alongside":
