@@ -204,7 +204,8 @@ class LiveAvatarEngine:
 
     def sampling_gpu_bytes(self, plan: GenerationPlan) -> int | None:
         """GPU memory a generation adds on this engine's device (caches and working memory), or
-        None where the DiT does not run there (CPU, or layer ranges on worker processes)."""
+        None where it is not estimated: on the CPU, and with the DiT's layers on worker processes
+        (the first worker's share may sit on this GPU too; not counted)."""
         if self.workers is not None or self.device.type != "cuda":
             return None
         return sampling_gpu_bytes(self.dit.cfg, plan, offload_caches=self.mode.offload_caches,
