@@ -14,6 +14,7 @@ through a render would leave its causal caches half-updated and the render lost.
 """
 from __future__ import annotations
 
+import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -39,8 +40,7 @@ class LatentSpill:
 
     def append(self, tensor: torch.Tensor) -> None:
         data = tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
-        offset = self.entries[-1][0] + self.entries[-1][1] if self.entries else 0
-        self.file.seek(offset)
+        offset = self.file.seek(0, os.SEEK_END)      # reading moved the position
         self.file.write(data)
         self.entries.append((offset, len(data), tensor.shape, tensor.dtype))
 
