@@ -26,8 +26,9 @@ from .lora import read_lora
 from .loading import assemble_dit, dit_config_for, load_dit
 from .memory_modes import memory_mode as memory_mode_by_name
 from .parallel import PipelineWorkers, external_world, parse_devices
-from .pipeline import (BlockSampler, Conditioning, GenerationPlan, ProgressEvent, plan_generation,
-                       sampling_gpu_bytes)
+from .memory_modes import caches_do_not_fit
+from .pipeline import (BlockSampler, Conditioning, GenerationPlan, ProgressEvent, cache_gpu_bytes, free_gpu_bytes,
+                       plan_generation, sampling_gpu_bytes)
 from .sizes import parse_size
 from .text import TextEncoder
 from .vae import WanVAE
@@ -211,6 +212,26 @@ class LiveAvatarEngine:
         return sampling_gpu_bytes(self.dit.cfg, plan, offload_caches=self.mode.offload_caches,
                                   fp8_attention=self.mode.fp8_attention, dtype=self.dtype)
 
+    def cache_gpu_bytes(self, plan: GenerationPlan) -> int | None:
+        """What a generation allocates on this engine's device before its first block (its caches
+        and sink keys, exactly), or None where it is not estimated (as `sampling_gpu_bytes`)."""
+        if self.workers is not None or self.device.type != "cuda":
+            return None
+        return cache_gpu_bytes(self.dit.cfg, plan, offload_caches=self.mode.offload_caches,
+                               fp8_attention=self.mode.fp8_attention, dtype=self.dtype)
+
+    def check_fits(self, plan: GenerationPlan) -> None:
+        """An InputError naming the size, steps and memory mode, and what to change, where the run's
+        caches alone exceed the free GPU memory: before anything is allocated, so the loaded model
+        stays as it was, instead of an out-of-memory error part-way through allocating them."""
+        need = self.cache_gpu_bytes(plan)
+        if need is None:
+            return
+        free = free_gpu_bytes(self.device)
+        if need > free:
+            raise InputError(caches_do_not_fit(self.mode, plan.width, plan.height, plan.steps, need, free,
+                                               self.device))
+
     def sample(self, job: Job, on_progress: Callable[[ProgressEvent], None] | None = None,
                should_stop: Callable[[], bool] | None = None) -> Iterator[torch.Tensor]:
         """Clean latents [16, 12, H8, W8] of each clip, on the CPU, as they are finished."""
@@ -219,6 +240,7 @@ class LiveAvatarEngine:
             yield from self.workers.sample(job.plan, cond.text_states, cond.ref_latent, cond.motion_latents,
                                            cond.audio_features, on_progress=on_progress, should_stop=should_stop)
             return
+        self.check_fits(job.plan)
         on_gpu = self.device.type == "cuda"
         sampler = BlockSampler(self.dit, job.plan, job.cond, offload_caches=self.mode.offload_caches and on_gpu,
                                cuda_graphs=on_gpu and not self.mode.offload_caches,

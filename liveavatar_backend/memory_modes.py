@@ -23,12 +23,17 @@ class MemoryMode:
     fp8_weights: bool
     offload_caches: bool
     fp8_attention: bool = False
+    lighter: str = ""          # what to choose instead when this mode's caches do not fit the GPU
 
 
+_LOW_VRAM = "'low_vram' (the caches in host memory)"
 MEMORY_MODES = {
-    "quality": MemoryMode("quality", fp8_weights=False, offload_caches=False),
-    "balanced": MemoryMode("balanced", fp8_weights=True, offload_caches=False),
-    "fast": MemoryMode("fast", fp8_weights=True, offload_caches=False, fp8_attention=True),
+    "quality": MemoryMode("quality", fp8_weights=False, offload_caches=False,
+                          lighter=f"memory_mode 'balanced' (FP8 weights, 15 GB less) or {_LOW_VRAM}"),
+    "balanced": MemoryMode("balanced", fp8_weights=True, offload_caches=False,
+                           lighter=f"memory_mode 'fast' (FP8 caches, half the size; Hopper or newer) or {_LOW_VRAM}"),
+    "fast": MemoryMode("fast", fp8_weights=True, offload_caches=False, fp8_attention=True,
+                       lighter=f"memory_mode {_LOW_VRAM}"),
     "low_vram": MemoryMode("low_vram", fp8_weights=True, offload_caches=True),
 }
 
@@ -38,3 +43,13 @@ def memory_mode(name: str) -> MemoryMode:
     if name not in MEMORY_MODES:
         raise InputError(f"memory_mode {name!r}: choose one of {', '.join(MEMORY_MODES)}")
     return MEMORY_MODES[name]
+
+
+def caches_do_not_fit(mode: MemoryMode, width: int, height: int, steps: int, need_bytes: int,
+                      free_bytes: int, device) -> str:
+    """The error for a run whose caches alone exceed the GPU memory free: what it needs and where,
+    and what to change (a lighter mode, a smaller size, fewer steps, more GPUs)."""
+    fixes = ", ".join(part for part in (mode.lighter, "a smaller size", "fewer steps") if part)
+    return (f"size {width}*{height} at {steps} steps needs {need_bytes / 1e9:.1f} GB of GPU memory for its "
+            f"attention caches in memory_mode {mode.name!r}, but {free_bytes / 1e9:.1f} GB are free on {device}. "
+            f"Choose {fixes}, or split the DiT over several GPUs (devices such as 'cuda:0,cuda:1').")

@@ -195,11 +195,11 @@ WORKSPACE_BYTES_PER_TOKEN_FFN = 6
 LIBRARY_WORKSPACE_BYTES = 512 * 2 ** 20   # cuBLAS/cuDNN workspaces, graph static buffers, rounding
 
 
-def sampling_gpu_bytes(cfg, plan: GenerationPlan, *, offload_caches: bool, fp8_attention: bool,
-                       dtype: torch.dtype = torch.bfloat16) -> int:
-    """GPU memory one generation adds to the loaded model: every step's caches (or, offloaded, the
-    two staging slots), the sink's un-rotated keys, and an estimate of one block's working memory.
-    The CLI compares it with the free memory to decide whether the VAE decoder fits beside it."""
+def cache_gpu_bytes(cfg, plan: GenerationPlan, *, offload_caches: bool, fp8_attention: bool,
+                    dtype: torch.dtype = torch.bfloat16) -> int:
+    """GPU memory a generation allocates before its first block, exactly as `KVCacheBank` (or, with
+    the caches offloaded, `OffloadedKVCacheBank`'s two staging slots) allocates it, plus the sink's
+    un-rotated keys. A run for which this exceeds the free memory cannot fit at all."""
     lay = plan.layout
     cache_dtype = FP8_DTYPE if fp8_attention else dtype
     elem = torch.empty((), dtype=cache_dtype).element_size()
@@ -208,8 +208,29 @@ def sampling_gpu_bytes(cfg, plan: GenerationPlan, *, offload_caches: bool, fp8_a
     else:
         caches = lay.bank_bytes(cfg.num_layers, plan.steps, cfg.dim, cache_dtype)
     sink_keys = cfg.num_layers * lay.ref_len * cfg.dim * torch.empty((), dtype=dtype).element_size()
-    workspace = lay.block_tokens * (WORKSPACE_BYTES_PER_TOKEN_DIM * cfg.dim + WORKSPACE_BYTES_PER_TOKEN_FFN * cfg.ffn_dim)
-    return caches + sink_keys + workspace + LIBRARY_WORKSPACE_BYTES
+    return caches + sink_keys
+
+
+def sampling_gpu_bytes(cfg, plan: GenerationPlan, *, offload_caches: bool, fp8_attention: bool,
+                       dtype: torch.dtype = torch.bfloat16) -> int:
+    """GPU memory one generation adds to the loaded model: `cache_gpu_bytes` and an estimate of one
+    block's working memory. The CLI compares it with the free memory to decide whether the VAE
+    decoder fits beside it."""
+    workspace = plan.layout.block_tokens * (WORKSPACE_BYTES_PER_TOKEN_DIM * cfg.dim
+                                            + WORKSPACE_BYTES_PER_TOKEN_FFN * cfg.ffn_dim)
+    return (cache_gpu_bytes(cfg, plan, offload_caches=offload_caches, fp8_attention=fp8_attention, dtype=dtype)
+            + workspace + LIBRARY_WORKSPACE_BYTES)
+
+
+def free_gpu_bytes(device: torch.device) -> int:
+    """What this process can still allocate on `device`: what the allocator may still reserve
+    (the driver's free memory, within any `torch.cuda.set_per_process_memory_fraction` cap) plus
+    what it holds reserved but unused."""
+    driver_free, total = torch.cuda.mem_get_info(device)
+    reserved = torch.cuda.memory_reserved(device)
+    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)    # torch ≥ 2.6
+    cap = int(fraction(device) * total) if fraction is not None else total
+    return min(driver_free, max(0, cap - reserved)) + reserved - torch.cuda.memory_allocated(device)
 
 
 def plan_generation(*, image_height: int, image_width: int, area: int, audio_frames: int,

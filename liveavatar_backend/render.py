@@ -23,6 +23,7 @@ import torch
 
 from . import constants as C
 from .errors import InputError
+from .pipeline import free_gpu_bytes
 
 DECODE_PLACEMENTS = ("auto", "alongside", "after")
 # free memory the allocator may not be able to hand over although it is free in sum: blocks cached
@@ -61,17 +62,6 @@ class LatentSpill:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def free_gpu_bytes(device: torch.device) -> int:
-    """What this process can still allocate on `device`: what the allocator may still reserve
-    (the driver's free memory, within any `torch.cuda.set_per_process_memory_fraction` cap) plus
-    what it holds reserved but unused."""
-    driver_free, total = torch.cuda.mem_get_info(device)
-    reserved = torch.cuda.memory_reserved(device)
-    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)    # torch ≥ 2.6
-    cap = int(fraction(device) * total) if fraction is not None else total
-    return min(driver_free, max(0, cap - reserved)) + reserved - torch.cuda.memory_allocated(device)
 
 
 def choose_placement(requested: str, sampling_bytes: int | None, decoder_bytes: int,

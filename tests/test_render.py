@@ -8,7 +8,8 @@ import torch
 from liveavatar_backend.config import DiTConfig
 from liveavatar_backend.errors import InputError
 from liveavatar_backend.fixtures import make_tiny_checkpoints
-from liveavatar_backend.pipeline import GenerationPlan, sampling_gpu_bytes
+from liveavatar_backend.memory_modes import MEMORY_MODES, caches_do_not_fit
+from liveavatar_backend.pipeline import BlockSampler, GenerationPlan, cache_gpu_bytes, sampling_gpu_bytes
 from liveavatar_backend.render import LatentSpill, choose_placement, render
 
 GB = 1e9
@@ -61,7 +62,7 @@ def test_placement_choices():
 
 
 def test_free_memory_honours_a_per_process_cap(monkeypatch):
-    from liveavatar_backend import render as module
+    from liveavatar_backend import pipeline as module
     fake = dict(mem_get_info=lambda device: (50 * GB, 80 * GB), memory_reserved=lambda device: 10 * GB,
                 memory_allocated=lambda device: 8 * GB, get_per_process_memory_fraction=lambda device: 1.0)
     for name, value in fake.items():
@@ -69,6 +70,34 @@ def test_free_memory_honours_a_per_process_cap(monkeypatch):
     assert module.free_gpu_bytes("cuda") == 52 * GB          # the driver's free + cached, unused
     monkeypatch.setattr(module.torch.cuda, "get_per_process_memory_fraction", lambda device: 0.5)
     assert module.free_gpu_bytes("cuda") == 32 * GB          # a 40 GB cap of which 10 are reserved
+
+
+@pytest.mark.parametrize("mode,size,steps,fits", [
+    ("quality", (704, 384), 4, True),        # 46.3 GB of caches in the 50.5 GB left after loading
+    ("quality", (1024, 704), 4, False),      # 2.7x the tokens: 123.4 GB of caches
+    ("balanced", (1024, 704), 4, False),     # the same bf16 caches
+    ("fast", (1024, 704), 4, True),          # e4m3 caches: 62.3 GB in the 66.1 GB left
+    ("low_vram", (1280, 720), 4, True),      # two layers' staging slots
+])
+def test_which_full_size_runs_an_80_gb_card_refuses(mode, size, steps, fits):
+    name = MEMORY_MODES[mode]
+    weights = BF16_WEIGHTS if not name.fp8_weights else FP8_WEIGHTS
+    free = H100_USABLE - weights - OTHER_MODELS
+    need = cache_gpu_bytes(FULL, plan(size, steps), offload_caches=name.offload_caches,
+                           fp8_attention=name.fp8_attention)
+    assert (need <= free) == fits
+
+
+@pytest.mark.parametrize("mode,suggested", [("quality", ["'balanced'", "'low_vram'"]),
+                                            ("balanced", ["'fast'", "'low_vram'"]),
+                                            ("fast", ["'low_vram'"]), ("low_vram", [])])
+def test_the_refusal_says_what_to_change(mode, suggested):
+    message = caches_do_not_fit(MEMORY_MODES[mode], 1088, 640, 4, 123_420_000_000, 45_060_000_000, "cuda:0")
+    assert message.startswith("size 1088*640 at 4 steps needs 123.4 GB of GPU memory")
+    assert f"in memory_mode '{mode}', but 45.1 GB are free on cuda:0" in message
+    others = [f"'{name}'" for name in MEMORY_MODES if name != mode]
+    assert [name for name in others if name in message] == suggested
+    assert "a smaller size, fewer steps" in message and "'cuda:0,cuda:1'" in message
 
 
 def test_latent_spill_round_trip_leaves_no_file(tmp_path):
@@ -150,3 +179,39 @@ def test_on_the_gpu_auto_measures_the_decoder_and_streams_where_it_fits(tmp_path
     assert set(videos) == {"alongside", "after"}         # a tiny model fits beside its decoder
     assert videos["after"].shape == (3 * 48 - 3, 256, 384, 3)
     torch.testing.assert_close(videos["after"], videos["alongside"], atol=2e-3, rtol=0)
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_cache_bytes_are_what_a_generation_allocates(engine, offload):
+    portrait, voice = torch.rand(400, 720, 3), torch.randn(16000 * 2) * 0.1
+    job = engine.prepare(portrait, voice, "a person", size="256*192", num_clips=1, steps=3, seed=7)
+    sampler = BlockSampler(engine.dit, job.plan, job.cond, offload_caches=offload)
+    sampler.prefill(job.cond.ref_latent)
+    bank = sampler.bank
+    if offload:
+        on_gpu = [tensor for slot in bank.staging for tensor in slot]
+    else:
+        on_gpu = [tensor for layers in (bank.k, bank.v) for per_layer in layers.values() for tensor in per_layer]
+    on_gpu += list(bank.sink_ref_k.values())
+    assert len(bank.sink_ref_k) == engine.dit.cfg.num_layers
+    expected = cache_gpu_bytes(engine.dit.cfg, job.plan, offload_caches=offload, fp8_attention=False,
+                               dtype=engine.dtype)
+    assert sum(tensor.numel() * tensor.element_size() for tensor in on_gpu) == expected
+    sampler.release()
+
+
+def test_a_run_whose_caches_do_not_fit_fails_before_sampling_and_the_model_stays_usable(engine, monkeypatch):
+    from liveavatar_backend import engine as engine_module
+    portrait, voice = torch.rand(400, 720, 3), torch.randn(16000 * 2) * 0.1
+    job = engine.prepare(portrait, voice, "a person", size="256*192", num_clips=1, steps=2, seed=7)
+    steps_run = []
+    monkeypatch.setattr(engine, "cache_gpu_bytes", lambda plan: 123_420_000_000)     # as 1024*704 in bf16
+    monkeypatch.setattr(engine_module, "free_gpu_bytes", lambda device: 45_060_000_000)
+    with pytest.raises(InputError, match=r"size 256\*192 at 2 steps needs 123.4 GB .* 'quality', but 45.1 GB"):
+        next(engine.sample(job, on_progress=steps_run.append))
+    assert steps_run == []                                    # refused before the first block
+    monkeypatch.undo()
+    assert engine.sampling_gpu_bytes(job.plan) is None        # the CPU: nothing to check
+    latents = list(engine.sample(job, on_progress=steps_run.append))
+    assert len(latents) == 1 and latents[0].shape[:2] == (16, 12)
+    assert steps_run[-1].done == steps_run[-1].total == 4 * 2          # 4 blocks x 2 steps
