@@ -11,7 +11,7 @@ import comfy.model_management as mm
 
 from ..liveavatar_backend.engine import LiveAvatarEngine, ModelSpec
 from ..liveavatar_backend.memory_modes import MEMORY_MODES
-from ..liveavatar_backend.parallel import parse_devices
+from ..liveavatar_backend.parallel import external_world, parse_devices
 from . import paths
 
 log = logging.getLogger("liveavatar")
@@ -27,6 +27,16 @@ def _unload() -> None:
     _loaded["key"] = _loaded["engine"] = None
     gc.collect()
     mm.soft_empty_cache()
+
+
+def make_room(device: str | torch.device, required_bytes: float) -> None:
+    """Ask ComfyUI to move its own models (those other workflows left on the GPU) off `device` until
+    `required_bytes` are free there. ComfyUI does not count this pack's memory, so it would keep
+    them and the Live Avatar model or its caches would run out of memory instead."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:     # ComfyUI names its GPUs with their index
+        device = torch.device("cuda", torch.cuda.current_device())
+    mm.free_memory(required_bytes, device)
 
 
 def _devices(devices: str) -> str:
@@ -98,6 +108,10 @@ class LiveAvatarModelLoader(io.ComfyNode):
                                  "the matching files (umt5_xxl, wan_2.1_vae, wav2vec2_large_english) explicitly")
             spec = ModelSpec.single_files(folder, lora=paths.resolve_lora(lora), **overrides)
         device = _devices(devices)
+        names = parse_devices(device)
+        if not external_world(names):        # 17-33 GB of weights, then the caches: all of ComfyUI's models go
+            for name in names:
+                make_room(name, float("inf"))
         engine = LiveAvatarEngine.load(spec, device=device, memory_mode=memory_mode, report=log.info)
         _loaded["key"], _loaded["engine"] = key, engine
         return io.NodeOutput(engine)

@@ -9,7 +9,7 @@ import comfy.utils
 
 from ..liveavatar_backend.sizes import KNOWN_SIZES
 from .clips import ClipLatents, audio_to_16k_mono, latent_preview
-from .loader import LiveAvatarModel
+from .loader import LiveAvatarModel, make_room
 
 CUSTOM_SIZE = "custom"
 # the official presets, smallest first (spec §6), then the larger areas this engine also runs
@@ -66,6 +66,9 @@ class LiveAvatarSampler(io.ComfyNode):
                 preview = ("JPEG", latent_preview(event.latents), PREVIEW_MAX_SIDE)
             bar.update_absolute(event.done, event.total, preview)
 
+        needed = model.sampling_gpu_bytes(job.plan)     # None: on the CPU, or the DiT over several GPUs
+        if needed is not None:
+            make_room(model.device, needed)
         store = ClipLatents(job)
         # on_progress raises ComfyUI's own InterruptProcessingException, so the prompt ends as
         # "interrupted" (not as an error); the sampler drops its caches on the way out
