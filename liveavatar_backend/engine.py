@@ -26,9 +26,9 @@ from .lora import read_lora
 from .loading import assemble_dit, dit_config_for, load_dit
 from .memory_modes import memory_mode as memory_mode_by_name
 from .parallel import PipelineWorkers, external_world, parse_devices
-from .memory_modes import caches_do_not_fit
-from .pipeline import (BlockSampler, Conditioning, GenerationPlan, ProgressEvent, cache_gpu_bytes, free_gpu_bytes,
-                       plan_generation, sampling_gpu_bytes)
+from .memory_budget import (cache_gpu_bytes, check_caches_fit, free_gpu_bytes, free_host_bytes, host_cache_bytes,
+                            sampling_gpu_bytes)
+from .pipeline import BlockSampler, Conditioning, GenerationPlan, ProgressEvent, plan_generation
 from .sizes import parse_size
 from .text import TextEncoder
 from .vae import WanVAE
@@ -222,15 +222,14 @@ class LiveAvatarEngine:
 
     def check_fits(self, plan: GenerationPlan) -> None:
         """An InputError naming the size, steps and memory mode, and what to change, where the run's
-        caches alone exceed the free GPU memory: before anything is allocated, so the loaded model
-        stays as it was, instead of an out-of-memory error part-way through allocating them."""
-        need = self.cache_gpu_bytes(plan)
-        if need is None:
+        caches cannot fit the free GPU memory (or, offloaded, the host's): before anything is
+        allocated, so the loaded model stays as it was, instead of an out-of-memory error part-way."""
+        gpu_need = self.cache_gpu_bytes(plan)
+        if gpu_need is None:
             return
-        free = free_gpu_bytes(self.device)
-        if need > free:
-            raise InputError(caches_do_not_fit(self.mode, plan.width, plan.height, plan.steps, need, free,
-                                               self.device))
+        host_need = host_cache_bytes(self.dit.cfg, plan, offload_caches=self.mode.offload_caches, dtype=self.dtype)
+        check_caches_fit(self.mode, plan, self.device, gpu_need=gpu_need, gpu_free=free_gpu_bytes(self.device),
+                         host_need=host_need, host_free=free_host_bytes() if host_need else None)
 
     def sample(self, job: Job, on_progress: Callable[[ProgressEvent], None] | None = None,
                should_stop: Callable[[], bool] | None = None) -> Iterator[torch.Tensor]:

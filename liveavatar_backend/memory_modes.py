@@ -44,12 +44,3 @@ def memory_mode(name: str) -> MemoryMode:
         raise InputError(f"memory_mode {name!r}: choose one of {', '.join(MEMORY_MODES)}")
     return MEMORY_MODES[name]
 
-
-def caches_do_not_fit(mode: MemoryMode, width: int, height: int, steps: int, need_bytes: int,
-                      free_bytes: int, device) -> str:
-    """The error for a run whose caches alone exceed the GPU memory free: what it needs and where,
-    and what to change (a lighter mode, a smaller size, fewer steps, more GPUs)."""
-    fixes = ", ".join(part for part in (mode.lighter, "a smaller size", "fewer steps") if part)
-    return (f"size {width}*{height} at {steps} steps needs {need_bytes / 1e9:.1f} GB of GPU memory for its "
-            f"attention caches in memory_mode {mode.name!r}, but {free_bytes / 1e9:.1f} GB are free on {device}. "
-            f"Choose {fixes}, or split the DiT over several GPUs (devices such as 'cuda:0,cuda:1').")

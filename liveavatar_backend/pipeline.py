@@ -185,54 +185,6 @@ class BlockSampler:
         self.bank.release()
 
 
-# Working memory of one block's forward besides the caches, in bytes per query token: the float32
-# residual stream and its bf16 norm/q/k/v/attention copies (≈ 16 bytes per model dim) and the FFN's
-# hidden states before and after the GELU (≈ 6 bytes per FFN dim, as bf16 with slack). On an H200 at
-# 704*384, 4 steps, bf16 the DiT alone peaked at 80.0 GB against 79.3 GB of weights, caches and
-# text keys/values (PERFORMANCE.md, 2026-12-03): ≈ 0.7 GB, which this estimate covers.
-WORKSPACE_BYTES_PER_TOKEN_DIM = 16
-WORKSPACE_BYTES_PER_TOKEN_FFN = 6
-LIBRARY_WORKSPACE_BYTES = 512 * 2 ** 20   # cuBLAS/cuDNN workspaces, graph static buffers, rounding
-
-
-def cache_gpu_bytes(cfg, plan: GenerationPlan, *, offload_caches: bool, fp8_attention: bool,
-                    dtype: torch.dtype = torch.bfloat16) -> int:
-    """GPU memory a generation allocates before its first block, exactly as `KVCacheBank` (or, with
-    the caches offloaded, `OffloadedKVCacheBank`'s two staging slots) allocates it, plus the sink's
-    un-rotated keys. A run for which this exceeds the free memory cannot fit at all."""
-    lay = plan.layout
-    cache_dtype = FP8_DTYPE if fp8_attention else dtype
-    elem = torch.empty((), dtype=cache_dtype).element_size()
-    if offload_caches:
-        caches = 2 * 2 * (lay.cond_len + 2 * lay.ring_len) * cfg.dim * elem     # 2 slots × (k, v)
-    else:
-        caches = lay.bank_bytes(cfg.num_layers, plan.steps, cfg.dim, cache_dtype)
-    sink_keys = cfg.num_layers * lay.ref_len * cfg.dim * torch.empty((), dtype=dtype).element_size()
-    return caches + sink_keys
-
-
-def sampling_gpu_bytes(cfg, plan: GenerationPlan, *, offload_caches: bool, fp8_attention: bool,
-                       dtype: torch.dtype = torch.bfloat16) -> int:
-    """GPU memory one generation adds to the loaded model: `cache_gpu_bytes` and an estimate of one
-    block's working memory. The CLI compares it with the free memory to decide whether the VAE
-    decoder fits beside it."""
-    workspace = plan.layout.block_tokens * (WORKSPACE_BYTES_PER_TOKEN_DIM * cfg.dim
-                                            + WORKSPACE_BYTES_PER_TOKEN_FFN * cfg.ffn_dim)
-    return (cache_gpu_bytes(cfg, plan, offload_caches=offload_caches, fp8_attention=fp8_attention, dtype=dtype)
-            + workspace + LIBRARY_WORKSPACE_BYTES)
-
-
-def free_gpu_bytes(device: torch.device) -> int:
-    """What this process can still allocate on `device`: what the allocator may still reserve
-    (the driver's free memory, within any `torch.cuda.set_per_process_memory_fraction` cap) plus
-    what it holds reserved but unused."""
-    driver_free, total = torch.cuda.mem_get_info(device)
-    reserved = torch.cuda.memory_reserved(device)
-    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)    # torch ≥ 2.6
-    cap = int(fraction(device) * total) if fraction is not None else total
-    return min(driver_free, max(0, cap - reserved)) + reserved - torch.cuda.memory_allocated(device)
-
-
 def plan_generation(*, image_height: int, image_width: int, area: int, audio_frames: int,
                     max_clips: int | None, steps: int, seed: int) -> GenerationPlan:
     """Resolution from the portrait and the area (spec §3.1); clips from the audio (spec §3.2)."""

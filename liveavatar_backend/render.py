@@ -23,7 +23,7 @@ import torch
 
 from . import constants as C
 from .errors import InputError
-from .pipeline import free_gpu_bytes
+from .memory_budget import free_gpu_bytes
 
 DECODE_PLACEMENTS = ("auto", "alongside", "after")
 # free memory the allocator may not be able to hand over although it is free in sum: blocks cached

@@ -1,13 +1,11 @@
 """LiveAvatarSampler: portrait + voice + prompt -> the latents of every clip, block by block."""
 from __future__ import annotations
 
-import torch
 from comfy_api.latest import io
 
 import comfy.model_management as mm
 import comfy.utils
 
-from ..liveavatar_backend.sizes import KNOWN_SIZES
 from .clips import ClipLatents, audio_to_16k_mono, latent_preview
 from .loader import LiveAvatarModel, make_room
 

@@ -40,6 +40,14 @@ def tiny_models(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_engine(tiny_models):
+    """The tiny random model on the CPU, loaded by the engine from the published folder layout."""
+    from liveavatar_backend.engine import LiveAvatarEngine, ModelSpec
+    spec = ModelSpec.from_folder(tiny_models / "Wan2.2-S2V-14B", lora=tiny_models / "liveavatar.safetensors")
+    return LiveAvatarEngine.load(spec, device="cpu")
+
+
+@pytest.fixture(scope="session")
 def comfy(tmp_path_factory, tiny_models):
     """(client, input_dir, output_dir) of a running ComfyUI with this pack and the tiny models."""
     python = HOST / "venv" / "bin" / "python"

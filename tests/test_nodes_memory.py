@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from conftest import HOST, ROOT
-from liveavatar_backend.fixtures import make_tiny_checkpoints
 
 
 @pytest.fixture(scope="module")
@@ -48,12 +47,9 @@ def test_make_room_unloads_comfyuis_models_only_as_far_as_needed(pack):
     assert loaded == [] and model.model is not None   # unloaded by ComfyUI, not garbage-collected
 
 
-def test_the_sampler_makes_room_for_its_caches_then_samples(pack, tmp_path, monkeypatch):
-    from liveavatar_pack.liveavatar_backend.engine import LiveAvatarEngine, ModelSpec
+def test_the_sampler_makes_room_for_its_caches_then_samples(pack, tiny_engine, monkeypatch):
     from liveavatar_pack.nodes.sampler import LiveAvatarSampler
-    tiny = make_tiny_checkpoints(tmp_path)
-    engine = LiveAvatarEngine.load(ModelSpec.from_folder(tiny / "Wan2.2-S2V-14B", lora=tiny / "liveavatar.safetensors"),
-                                   device="cpu")
+    engine = tiny_engine
     asked = []
     # as on a GPU: the run's caches and working memory, here more than this host has free
     monkeypatch.setattr(engine, "sampling_gpu_bytes", lambda plan: asked.append(plan) or 10 ** 15)

@@ -1,0 +1,106 @@
+"""What a generation needs in memory, and what is free.
+
+Before its first block the sampler checks that the run's caches fit (on the GPU, or in host memory
+where `low_vram` offloads them) and otherwise stops with what it needs, what is free and what to
+change, so that the loaded model stays as it was. The command line also uses the estimate of
+sampling's whole GPU share to decide where the VAE decodes (render.py).
+"""
+from __future__ import annotations
+
+import torch
+
+from .errors import InputError
+from .fp8 import FP8_DTYPE
+from .memory_modes import MemoryMode
+
+# Working memory of one block's forward besides the caches, in bytes per query token: the float32
+# residual stream and its bf16 norm/q/k/v/attention copies (≈ 16 bytes per model dim) and the FFN's
+# hidden states before and after the GELU (≈ 6 bytes per FFN dim, as bf16 with slack). On an H200 at
+# 704*384, 4 steps, bf16 the DiT alone peaked at 80.0 GB against 79.3 GB of weights, caches and
+# text keys/values (PERFORMANCE.md, 2026-12-03): ≈ 0.7 GB, which this estimate covers.
+WORKSPACE_BYTES_PER_TOKEN_DIM = 16
+WORKSPACE_BYTES_PER_TOKEN_FFN = 6
+LIBRARY_WORKSPACE_BYTES = 512 * 2 ** 20   # cuBLAS/cuDNN workspaces, graph static buffers, rounding
+GB = 1e9
+
+
+def cache_gpu_bytes(cfg, plan, *, offload_caches: bool, fp8_attention: bool,
+                    dtype: torch.dtype = torch.bfloat16) -> int:
+    """GPU memory a generation (`pipeline.GenerationPlan`) allocates before its first block, exactly
+    as `KVCacheBank` (or, with the caches offloaded, `OffloadedKVCacheBank`'s two staging slots)
+    allocates it, plus the sink's un-rotated keys. A run for which this exceeds the free memory
+    cannot fit at all."""
+    lay = plan.layout
+    cache_dtype = FP8_DTYPE if fp8_attention else dtype
+    elem = torch.empty((), dtype=cache_dtype).element_size()
+    if offload_caches:
+        caches = 2 * 2 * (lay.cond_len + 2 * lay.ring_len) * cfg.dim * elem     # 2 slots × (k, v)
+    else:
+        caches = lay.bank_bytes(cfg.num_layers, plan.steps, cfg.dim, cache_dtype)
+    sink_keys = cfg.num_layers * lay.ref_len * cfg.dim * torch.empty((), dtype=dtype).element_size()
+    return caches + sink_keys
+
+
+def host_cache_bytes(cfg, plan, *, offload_caches: bool, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Pinned host memory the caches take where they are offloaded (`low_vram`): every step's cond
+    region and ring, as `OffloadedKVCacheBank` allocates them; 0 where they stay on the GPU."""
+    return plan.layout.bank_bytes(cfg.num_layers, plan.steps, cfg.dim, dtype) if offload_caches else 0
+
+
+def sampling_gpu_bytes(cfg, plan, *, offload_caches: bool, fp8_attention: bool,
+                       dtype: torch.dtype = torch.bfloat16) -> int:
+    """GPU memory one generation adds to the loaded model: `cache_gpu_bytes` and an estimate of one
+    block's working memory. The command line compares it with the free memory to decide whether
+    the VAE decoder fits beside it."""
+    workspace = plan.layout.block_tokens * (WORKSPACE_BYTES_PER_TOKEN_DIM * cfg.dim
+                                            + WORKSPACE_BYTES_PER_TOKEN_FFN * cfg.ffn_dim)
+    return (cache_gpu_bytes(cfg, plan, offload_caches=offload_caches, fp8_attention=fp8_attention, dtype=dtype)
+            + workspace + LIBRARY_WORKSPACE_BYTES)
+
+
+def free_gpu_bytes(device: torch.device) -> int:
+    """What this process can still allocate on `device`: what the allocator may still reserve
+    (the driver's free memory, within any `torch.cuda.set_per_process_memory_fraction` cap) plus
+    what it holds reserved but unused."""
+    device = torch.device(device)
+    if device.index is None:               # the memory-fraction getter wants an index
+        device = torch.device("cuda", torch.cuda.current_device())
+    driver_free, total = torch.cuda.mem_get_info(device)
+    reserved = torch.cuda.memory_reserved(device)
+    try:
+        cap = int(torch.cuda.get_per_process_memory_fraction(device) * total)
+    except (AttributeError, RuntimeError):    # torch < 2.6; an allocator without it (ComfyUI's cudaMallocAsync)
+        cap = total
+    return min(driver_free, max(0, cap - reserved)) + reserved - torch.cuda.memory_allocated(device)
+
+
+def free_host_bytes() -> int | None:
+    """Host memory available to new allocations without swapping; None where it cannot be read."""
+    try:
+        import psutil                     # ComfyUI's own dependency
+        return psutil.virtual_memory().available
+    except ImportError:
+        pass
+    try:
+        with open("/proc/meminfo") as meminfo:
+            fields = dict(line.split(":", 1) for line in meminfo)
+        return int(fields["MemAvailable"].split()[0]) * 1024          # the value is in kB
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def check_caches_fit(mode: MemoryMode, plan, device, *, gpu_need: int, gpu_free: int,
+                     host_need: int = 0, host_free: int | None = None) -> None:
+    """An InputError naming the size, steps and memory mode, what the caches need and what is free,
+    and what to change, where they cannot fit on the GPU or in host memory (None: not known)."""
+    run = f"size {plan.width}*{plan.height} at {plan.steps} steps"
+    if gpu_need > gpu_free:
+        fixes = ", ".join(part for part in (mode.lighter, "a smaller size", "fewer steps") if part)
+        raise InputError(f"{run} needs {gpu_need / GB:.1f} GB of GPU memory for its attention caches in "
+                         f"memory_mode {mode.name!r}, but {gpu_free / GB:.1f} GB are free on {device}. Choose "
+                         f"{fixes}, or split the DiT over several GPUs (devices such as 'cuda:0,cuda:1').")
+    if host_free is not None and host_need > host_free:
+        raise InputError(f"{run} keeps {host_need / GB:.1f} GB of attention caches in host memory (RAM) in "
+                         f"memory_mode {mode.name!r}, but {host_free / GB:.1f} GB are available. Choose a "
+                         "smaller size or fewer steps, close other programs, or keep the caches on a GPU with "
+                         "room for them (memory_mode 'balanced', or several GPUs).")

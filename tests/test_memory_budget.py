@@ -1,0 +1,169 @@
+"""What a generation needs in memory: the caches exactly as the banks allocate them, the estimate of
+sampling's whole GPU share against measured peaks, and the refusal, before the first block, of a
+run whose caches cannot fit, after which the model still samples."""
+import pytest
+import torch
+
+from liveavatar_backend import memory_budget
+from liveavatar_backend.config import DiTConfig
+from liveavatar_backend.errors import InputError
+from liveavatar_backend.memory_budget import cache_gpu_bytes, check_caches_fit, host_cache_bytes, sampling_gpu_bytes
+from liveavatar_backend.memory_modes import MEMORY_MODES
+from liveavatar_backend.pipeline import BlockSampler, GenerationPlan
+
+GB = 1e9
+FULL = DiTConfig.wan_s2v_14b()
+BF16_WEIGHTS = 32.59 * GB        # 16.30 B parameters of the manifest, 2 bytes each
+FP8_WEIGHTS = 17.0 * GB          # e4m3 linears plus the bf16 rest (engine load, PERFORMANCE.md)
+TEXT_KV = 2 * FULL.num_layers * FULL.text_len * FULL.dim * 2
+H100_USABLE = 79.18 * 2 ** 30 - 0.6 * GB    # the card's memory less a CUDA context
+OTHER_MODELS = 1.3 * GB          # VAE, wav2vec2 and the prompt's text keys/values
+
+
+def plan(size: tuple[int, int], steps: int) -> GenerationPlan:
+    return GenerationPlan(size[1], size[0], num_clips=2, steps=steps, seed=0)
+
+
+def full_size_bytes(size, steps, **mode) -> int:
+    defaults = dict(offload_caches=False, fp8_attention=False)
+    return sampling_gpu_bytes(FULL, plan(size, steps), **{**defaults, **mode})
+
+
+def test_estimate_covers_the_measured_peak_without_wasting_a_card():
+    # H200, 704*384, 4 steps, bf16, DiT alone: 80.0 GB peak (PERFORMANCE.md, 2026-12-03)
+    estimate = BF16_WEIGHTS + TEXT_KV + full_size_bytes((704, 384), 4)
+    assert 80.0 * GB <= estimate <= 82.0 * GB
+    low_vram = full_size_bytes((704, 384), 4, offload_caches=True)
+    assert low_vram < 3 * GB                    # two layers' staging instead of 46 GB of caches
+    assert full_size_bytes((704, 384), 4, fp8_attention=True) < 0.55 * full_size_bytes((704, 384), 4)
+
+
+def test_free_gpu_memory_honours_a_per_process_cap(monkeypatch):
+    fake = dict(mem_get_info=lambda device: (50 * GB, 80 * GB), memory_reserved=lambda device: 10 * GB,
+                memory_allocated=lambda device: 8 * GB, get_per_process_memory_fraction=lambda device: 1.0)
+    for name, value in fake.items():
+        monkeypatch.setattr(memory_budget.torch.cuda, name, value)
+    assert memory_budget.free_gpu_bytes("cuda:0") == 52 * GB          # the driver's free + cached, unused
+    monkeypatch.setattr(memory_budget.torch.cuda, "get_per_process_memory_fraction", lambda device: 0.5)
+    assert memory_budget.free_gpu_bytes("cuda:0") == 32 * GB          # a 40 GB cap of which 10 are reserved
+
+    def no_fraction(device):                # as under ComfyUI's cudaMallocAsync backend
+        raise RuntimeError("not supported by this allocator")
+    monkeypatch.setattr(memory_budget.torch.cuda, "get_per_process_memory_fraction", no_fraction)
+    assert memory_budget.free_gpu_bytes("cuda:0") == 52 * GB          # no cap known: the driver's word
+    monkeypatch.setattr(memory_budget.torch.cuda, "current_device", lambda: 0)
+    assert memory_budget.free_gpu_bytes("cuda") == 52 * GB            # 'cuda' is the current GPU
+
+
+def test_free_host_memory_is_what_the_system_says_is_available():
+    available = memory_budget.free_host_bytes()
+    with open("/proc/meminfo") as meminfo:
+        fields = dict(line.split(":", 1) for line in meminfo)
+    expected = int(fields["MemAvailable"].split()[0]) * 1024
+    assert abs(available - expected) < 0.25 * expected      # read a moment apart, by psutil or from /proc
+
+
+@pytest.mark.parametrize("mode,size,steps,fits", [
+    ("quality", (704, 384), 4, True),        # 46.3 GB of caches in the 50.5 GB left after loading
+    ("quality", (1024, 704), 4, False),      # 2.7x the tokens: 123.4 GB of caches
+    ("balanced", (1024, 704), 4, False),     # the same bf16 caches
+    ("fast", (1024, 704), 4, True),          # e4m3 caches: 62.3 GB in the 66.1 GB left
+    ("low_vram", (1280, 720), 4, True),      # two layers' staging slots
+])
+def test_which_full_size_runs_an_80_gb_card_refuses(mode, size, steps, fits):
+    name = MEMORY_MODES[mode]
+    weights = BF16_WEIGHTS if not name.fp8_weights else FP8_WEIGHTS
+    free = H100_USABLE - weights - OTHER_MODELS
+    need = cache_gpu_bytes(FULL, plan(size, steps), offload_caches=name.offload_caches,
+                           fp8_attention=name.fp8_attention)
+    assert (need <= free) == fits
+
+
+def test_low_vram_host_memory_at_full_size():
+    # what README's VRAM table says low_vram keeps in RAM: the whole bank, as on the GPU otherwise
+    host = {size: host_cache_bytes(FULL, plan(size, steps), offload_caches=True) / GB
+            for size, steps in (((384, 256), 3), ((704, 384), 4))}
+    assert host == {(384, 256): pytest.approx(12.9, abs=0.05), (704, 384): pytest.approx(45.8, abs=0.05)}
+    assert host_cache_bytes(FULL, plan((704, 384), 4), offload_caches=False) == 0
+
+
+@pytest.mark.parametrize("mode,suggested", [("quality", ["'balanced'", "'low_vram'"]),
+                                            ("balanced", ["'fast'", "'low_vram'"]),
+                                            ("fast", ["'low_vram'"]), ("low_vram", [])])
+def test_the_gpu_refusal_says_what_to_change(mode, suggested):
+    with pytest.raises(InputError) as error:
+        check_caches_fit(MEMORY_MODES[mode], plan((1088, 640), 4), "cuda:0", gpu_need=123_420_000_000,
+                         gpu_free=45_060_000_000)
+    message = str(error.value)
+    assert message.startswith("size 1088*640 at 4 steps needs 123.4 GB of GPU memory")
+    assert f"in memory_mode '{mode}', but 45.1 GB are free on cuda:0" in message
+    others = [f"'{name}'" for name in MEMORY_MODES if name != mode]
+    assert [name for name in others if name in message] == suggested
+    assert "a smaller size, fewer steps" in message and "'cuda:0,cuda:1'" in message
+
+
+def test_the_host_refusal_and_what_passes():
+    low_vram = MEMORY_MODES["low_vram"]
+    with pytest.raises(InputError, match=r"size 704\*384 at 4 steps keeps 45.8 GB of attention caches in host "
+                                         r"memory \(RAM\) in memory_mode 'low_vram', but 31.5 GB are available"):
+        check_caches_fit(low_vram, plan((704, 384), 4), "cuda:0", gpu_need=5 * 10 ** 9, gpu_free=20 * 10 ** 9,
+                         host_need=45_800_000_000, host_free=31_500_000_000)
+    check_caches_fit(low_vram, plan((704, 384), 4), "cuda:0", gpu_need=5 * 10 ** 9, gpu_free=20 * 10 ** 9,
+                     host_need=45_800_000_000, host_free=None)           # not known: not refused
+    check_caches_fit(low_vram, plan((704, 384), 4), "cuda:0", gpu_need=20 * 10 ** 9, gpu_free=20 * 10 ** 9,
+                     host_need=45_800_000_000, host_free=45_800_000_000)  # exactly fits
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_cache_bytes_are_what_a_generation_allocates(tiny_engine, offload):
+    engine = tiny_engine
+    portrait, voice = torch.rand(400, 720, 3), torch.randn(16000 * 2) * 0.1
+    job = engine.prepare(portrait, voice, "a person", size="256*192", num_clips=1, steps=3, seed=7)
+    sampler = BlockSampler(engine.dit, job.plan, job.cond, offload_caches=offload)
+    sampler.prefill(job.cond.ref_latent)
+    bank = sampler.bank
+    if offload:
+        on_gpu = [tensor for slot in bank.staging for tensor in slot]
+        on_host = [tensor for chunks in (bank.host_cond, bank.host_ring) for pair in chunks.values() for tensor in pair]
+    else:
+        on_gpu = [tensor for layers in (bank.k, bank.v) for per_layer in layers.values() for tensor in per_layer]
+        on_host = []
+    on_gpu += list(bank.sink_ref_k.values())
+    assert len(bank.sink_ref_k) == engine.dit.cfg.num_layers
+
+    def size(tensors):
+        return sum(tensor.numel() * tensor.element_size() for tensor in tensors)
+    cfg = engine.dit.cfg
+    assert size(on_gpu) == cache_gpu_bytes(cfg, job.plan, offload_caches=offload, fp8_attention=False,
+                                           dtype=engine.dtype)
+    assert size(on_host) == host_cache_bytes(cfg, job.plan, offload_caches=offload, dtype=engine.dtype)
+    sampler.release()
+
+
+@pytest.mark.parametrize("short_of", ["gpu", "host"])
+def test_a_run_whose_caches_do_not_fit_fails_before_sampling_and_the_model_stays_usable(tiny_engine, monkeypatch,
+                                                                                       short_of):
+    from liveavatar_backend import engine as engine_module
+    engine = tiny_engine
+    portrait, voice = torch.rand(400, 720, 3), torch.randn(16000 * 2) * 0.1
+    job = engine.prepare(portrait, voice, "a person", size="256*192", num_clips=1, steps=2, seed=7)
+    steps_run = []
+    # as on a GPU: 1024*704 in bf16 on an 80 GB card; or low_vram on a host with little RAM left
+    if short_of == "gpu":
+        monkeypatch.setattr(engine, "cache_gpu_bytes", lambda plan: 123_420_000_000)
+        monkeypatch.setattr(engine_module, "free_gpu_bytes", lambda device: 45_060_000_000)
+        expected = r"size 256\*192 at 2 steps needs 123.4 GB of GPU memory .* 'quality', but 45.1 GB are free"
+    else:
+        monkeypatch.setattr(engine, "mode", MEMORY_MODES["low_vram"])
+        monkeypatch.setattr(engine, "cache_gpu_bytes", lambda plan: 10 ** 6)
+        monkeypatch.setattr(engine_module, "free_gpu_bytes", lambda device: 10 ** 9)
+        monkeypatch.setattr(engine_module, "free_host_bytes", lambda: 1000)
+        expected = r"keeps 0.0 GB of attention caches in host memory \(RAM\) in memory_mode 'low_vram'"
+    with pytest.raises(InputError, match=expected):
+        next(engine.sample(job, on_progress=steps_run.append))
+    assert steps_run == []                                    # refused before the first block
+    monkeypatch.undo()
+    assert engine.cache_gpu_bytes(job.plan) is None           # the CPU: nothing to check
+    latents = list(engine.sample(job, on_progress=steps_run.append))
+    assert len(latents) == 1 and latents[0].shape[:2] == (16, 12)
+    assert steps_run[-1].done == steps_run[-1].total == 4 * 2          # 4 blocks x 2 steps
