@@ -16,6 +16,7 @@ import os
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -31,7 +32,7 @@ from liveavatar_backend.engine import Job, LiveAvatarEngine                     
 from liveavatar_backend.loading import assemble_dit                              # noqa: E402
 from liveavatar_backend.memory_modes import memory_mode                          # noqa: E402
 from liveavatar_backend.pipeline import GenerationPlan                           # noqa: E402
-from liveavatar_backend.render import render                                     # noqa: E402
+from liveavatar_backend.render import prefer_expandable_segments, render         # noqa: E402
 from liveavatar_backend.sizes import parse_size, target_size                     # noqa: E402
 
 PORTRAIT_HW = (400, 720)     # the bundled examples are 720×400 landscape portraits
@@ -123,6 +124,7 @@ def main() -> None:
                              "H200 to an H100 80GB's 85.0 GB less its CUDA context")
     parser.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     args = parser.parse_args()
+    prefer_expandable_segments()              # as the command line does
     if args.clips < 3:
         parser.error("--clips: at least 3 (steady state is clip 2 on)")
     out = Path(args.out)
@@ -143,6 +145,7 @@ def main() -> None:
             row.update(timed_render(engine, make_job(engine, args.size, args.steps, args.clips), decode, out))
         except torch.cuda.OutOfMemoryError as exc:
             row["error"] = " ".join(str(exc).split())[:400]
+            traceback.print_exc(limit=-6)                 # where: sampling (which part) or the decoder
             print(row["error"], flush=True)
         rows.append(row)
         torch.cuda.empty_cache()

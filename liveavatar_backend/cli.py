@@ -16,6 +16,8 @@ def _report(message: str) -> None:
 
 
 def _generate(args) -> int:
+    from .render import prefer_expandable_segments
+    prefer_expandable_segments()                  # before torch touches the GPU
     import torch
     from tqdm import tqdm
 

@@ -31,6 +31,21 @@ DECODE_PLACEMENTS = ("auto", "alongside", "after")
 MEMORY_HEADROOM_BYTES = 2 ** 30
 
 
+# PyTorch's caching allocator by default carves fixed segments into blocks that cannot merge across
+# segments: `quality` at 704*384, 4 steps on an 80 GB H100 then ran out of memory in sampling with
+# 1.7 GiB reserved but unusable; with expandable segments the same run fits (82.2 GB peak,
+# PERFORMANCE.md, 2026-12-06). ComfyUI configures its own process's allocator.
+ALLOCATOR_SETTINGS = "expandable_segments:True"
+
+
+def prefer_expandable_segments() -> None:
+    """In a process of our own (the command line, the benches), before CUDA's first allocation:
+    expandable segments, unless the allocator is configured already. The older variable name is the
+    one measured (torch 2.11 reads it and warns that PYTORCH_ALLOC_CONF is the new name)."""
+    if "PYTORCH_ALLOC_CONF" not in os.environ:
+        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", ALLOCATOR_SETTINGS)
+
+
 class LatentSpill:
     """Tensors parked in a temporary file, read back in the order written. On POSIX systems the
     file has no name, so it goes however the process ends; elsewhere it is deleted when closed."""

@@ -109,3 +109,16 @@ def test_on_the_gpu_auto_measures_the_decoder_and_streams_where_it_fits(tmp_path
     torch.testing.assert_close(videos["after"], videos["alongside"], atol=2e-3, rtol=0)
 
 
+
+def test_own_processes_prefer_expandable_segments_unless_told_otherwise(monkeypatch):
+    from liveavatar_backend.render import ALLOCATOR_SETTINGS, prefer_expandable_segments
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    monkeypatch.setenv("PYTORCH_ALLOC_CONF", "garbage_collection_threshold:0.8")   # torch ≥ 2.9's name
+    prefer_expandable_segments()
+    assert "PYTORCH_CUDA_ALLOC_CONF" not in os.environ
+    monkeypatch.delenv("PYTORCH_ALLOC_CONF")
+    prefer_expandable_segments()
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == ALLOCATOR_SETTINGS == "expandable_segments:True"
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "backend:cudaMallocAsync")
+    prefer_expandable_segments()
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "backend:cudaMallocAsync"      # the user's choice stands
