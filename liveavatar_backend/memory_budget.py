@@ -68,9 +68,12 @@ def free_gpu_bytes(device: torch.device) -> int:
     driver_free, total = torch.cuda.mem_get_info(device)
     reserved = torch.cuda.memory_reserved(device)
     try:
-        cap = int(torch.cuda.get_per_process_memory_fraction(device) * total)
-    except (AttributeError, RuntimeError):    # torch < 2.6; an allocator without it (ComfyUI's cudaMallocAsync)
-        cap = total
+        fraction = torch.cuda.get_per_process_memory_fraction(device)
+    except (AttributeError, RuntimeError):    # torch < 2.6; an allocator without it
+        fraction = 1.0
+    # under the cudaMallocAsync backend (ComfyUI's default) torch 2.11 returned 2.2e8 on an H100
+    # (PERFORMANCE.md, 2026-12-06): a value that is no fraction means no cap
+    cap = int(fraction * total) if 0 < fraction <= 1 else total
     return min(driver_free, max(0, cap - reserved)) + reserved - torch.cuda.memory_allocated(device)
 
 

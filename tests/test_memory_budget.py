@@ -47,10 +47,12 @@ def test_free_gpu_memory_honours_a_per_process_cap(monkeypatch):
     monkeypatch.setattr(memory_budget.torch.cuda, "get_per_process_memory_fraction", lambda device: 0.5)
     assert memory_budget.free_gpu_bytes("cuda:0") == 32 * GB          # a 40 GB cap of which 10 are reserved
 
-    def no_fraction(device):                # as under ComfyUI's cudaMallocAsync backend
+    def no_fraction(device):                # torch < 2.6 has no getter; an allocator may have none
         raise RuntimeError("not supported by this allocator")
     monkeypatch.setattr(memory_budget.torch.cuda, "get_per_process_memory_fraction", no_fraction)
     assert memory_budget.free_gpu_bytes("cuda:0") == 52 * GB          # no cap known: the driver's word
+    monkeypatch.setattr(memory_budget.torch.cuda, "get_per_process_memory_fraction", lambda device: 216975863.6)
+    assert memory_budget.free_gpu_bytes("cuda:0") == 52 * GB          # cudaMallocAsync's answer on an H100
     monkeypatch.setattr(memory_budget.torch.cuda, "current_device", lambda: 0)
     assert memory_budget.free_gpu_bytes("cuda") == 52 * GB            # 'cuda' is the current GPU
 
