@@ -227,7 +227,8 @@ class LiveAvatarEngine:
         gpu_need = self.cache_gpu_bytes(plan)
         if gpu_need is None:
             return
-        host_need = host_cache_bytes(self.dit.cfg, plan, offload_caches=self.mode.offload_caches, dtype=self.dtype)
+        host_need = host_cache_bytes(self.dit.cfg, plan, offload_caches=self.mode.offload_caches, dtype=self.dtype,
+                                     pinned=True)
         check_caches_fit(self.mode, plan, self.device, gpu_need=gpu_need, gpu_free=free_gpu_bytes(self.device),
                          host_need=host_need, host_free=free_host_bytes() if host_need else None)
 

@@ -102,6 +102,11 @@ class OffloadedKVCacheBank(KVCacheBank):
         self.host_ring.clear()
         self.staging.clear()
         self.sink_ref_k.clear()
+        # PyTorch keeps freed pinned blocks for reuse, out of the host's available memory; hand them
+        # back so other programs, and the next run's check of the available RAM, see them free
+        empty_host_cache = getattr(torch._C, "_host_emptyCache", None)
+        if self.copy_stream is not None and empty_host_cache is not None:
+            empty_host_cache()
 
 
 class OffloadedStepCache(StepCache):

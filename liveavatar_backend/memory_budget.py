@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from .constants import BLOCKS_PER_CLIP
 from .errors import InputError
 from .fp8 import FP8_DTYPE
 from .memory_modes import MemoryMode
@@ -28,8 +29,8 @@ def cache_gpu_bytes(cfg, plan, *, offload_caches: bool, fp8_attention: bool,
                     dtype: torch.dtype = torch.bfloat16) -> int:
     """GPU memory a generation (`pipeline.GenerationPlan`) allocates before its first block, exactly
     as `KVCacheBank` (or, with the caches offloaded, `OffloadedKVCacheBank`'s two staging slots)
-    allocates it, plus the sink's un-rotated keys. A run for which this exceeds the free memory
-    cannot fit at all."""
+    allocates it, plus the sink's un-rotated keys (`fast`'s per-layer FP8 scales, a few bytes each,
+    are not counted). A run for which this exceeds the free memory cannot fit at all."""
     lay = plan.layout
     cache_dtype = FP8_DTYPE if fp8_attention else dtype
     elem = torch.empty((), dtype=cache_dtype).element_size()
@@ -41,10 +42,25 @@ def cache_gpu_bytes(cfg, plan, *, offload_caches: bool, fp8_attention: bool,
     return caches + sink_keys
 
 
-def host_cache_bytes(cfg, plan, *, offload_caches: bool, dtype: torch.dtype = torch.bfloat16) -> int:
-    """Pinned host memory the caches take where they are offloaded (`low_vram`): every step's cond
-    region and ring, as `OffloadedKVCacheBank` allocates them; 0 where they stay on the GPU."""
-    return plan.layout.bank_bytes(cfg.num_layers, plan.steps, cfg.dim, dtype) if offload_caches else 0
+def host_cache_bytes(cfg, plan, *, offload_caches: bool, dtype: torch.dtype = torch.bfloat16,
+                     pinned: bool = True) -> int:
+    """Host memory the caches hold where they are offloaded (`low_vram`): per layer, a cond chunk per
+    step pair and a chunk per ring block and step, keys and values, as `OffloadedKVCacheBank`
+    allocates them; 0 where they stay on the GPU. `pinned`: as PyTorch's pinned-memory allocator
+    holds them, each chunk rounded up to a power of two (`CachingHostAllocator`): 18.8 GB instead
+    of 12.9 at 384*256, 3 steps; 48.3 instead of 45.8 at 704*384, 4 steps."""
+    if not offload_caches:
+        return 0
+    lay = plan.layout
+    elem = torch.empty((), dtype=dtype).element_size()
+
+    def held(nbytes: int) -> int:
+        return 1 << (nbytes - 1).bit_length() if pinned else nbytes
+
+    pairs = (plan.steps + 1) // 2
+    per_layer = 2 * (pairs * held(lay.cond_len * cfg.dim * elem)
+                     + plan.steps * BLOCKS_PER_CLIP * held(lay.block_tokens * cfg.dim * elem))
+    return cfg.num_layers * per_layer
 
 
 def sampling_gpu_bytes(cfg, plan, *, offload_caches: bool, fp8_attention: bool,
@@ -99,9 +115,10 @@ def check_caches_fit(mode: MemoryMode, plan, device, *, gpu_need: int, gpu_free:
     run = f"size {plan.width}*{plan.height} at {plan.steps} steps"
     if gpu_need > gpu_free:
         fixes = ", ".join(part for part in (mode.lighter, "a smaller size", "fewer steps") if part)
+        several = "" if mode.fp8_attention else ", or split the DiT over several GPUs (devices such as 'cuda:0,cuda:1')"
         raise InputError(f"{run} needs {gpu_need / GB:.1f} GB of GPU memory for its attention caches in "
                          f"memory_mode {mode.name!r}, but {gpu_free / GB:.1f} GB are free on {device}. Choose "
-                         f"{fixes}, or split the DiT over several GPUs (devices such as 'cuda:0,cuda:1').")
+                         f"{fixes}{several}.")
     if host_free is not None and host_need > host_free:
         raise InputError(f"{run} keeps {host_need / GB:.1f} GB of attention caches in host memory (RAM) in "
                          f"memory_mode {mode.name!r}, but {host_free / GB:.1f} GB are available. Choose a "

@@ -27,11 +27,13 @@ class MemoryMode:
 
 
 _LOW_VRAM = "'low_vram' (the caches in host memory)"
+_FAST = "'fast' (caches of half the size in FP8; one Hopper or newer GPU)"
 MEMORY_MODES = {
     "quality": MemoryMode("quality", fp8_weights=False, offload_caches=False,
-                          lighter=f"memory_mode 'balanced' (FP8 weights, 15 GB less) or {_LOW_VRAM}"),
+                          lighter=f"memory_mode 'balanced' (FP8 weights: 15 GB more room, the same caches), "
+                                  f"{_FAST} or {_LOW_VRAM}"),
     "balanced": MemoryMode("balanced", fp8_weights=True, offload_caches=False,
-                           lighter=f"memory_mode 'fast' (FP8 caches, half the size; Hopper or newer) or {_LOW_VRAM}"),
+                           lighter=f"memory_mode {_FAST} or {_LOW_VRAM}"),
     "fast": MemoryMode("fast", fp8_weights=True, offload_caches=False, fp8_attention=True,
                        lighter=f"memory_mode {_LOW_VRAM}"),
     "low_vram": MemoryMode("low_vram", fp8_weights=True, offload_caches=True),
@@ -43,4 +45,3 @@ def memory_mode(name: str) -> MemoryMode:
     if name not in MEMORY_MODES:
         raise InputError(f"memory_mode {name!r}: choose one of {', '.join(MEMORY_MODES)}")
     return MEMORY_MODES[name]
-

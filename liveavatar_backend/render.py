@@ -39,7 +39,7 @@ ALLOCATOR_SETTINGS = "expandable_segments:True"
 
 
 def prefer_expandable_segments() -> None:
-    """In a process of our own (the command line, the benches), before CUDA's first allocation:
+    """In a process of our own (the command line, bench_render.py), before CUDA's first allocation:
     expandable segments, unless the allocator is configured already. The older variable name is the
     one measured (torch 2.11 reads it and warns that PYTORCH_ALLOC_CONF is the new name)."""
     if "PYTORCH_ALLOC_CONF" not in os.environ:

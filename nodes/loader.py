@@ -32,7 +32,8 @@ def _unload() -> None:
 def make_room(device: str | torch.device, required_bytes: float) -> None:
     """Ask ComfyUI to move its own models (those other workflows left on the GPU) off `device` until
     `required_bytes` are free there. ComfyUI does not count this pack's memory, so it would keep
-    them and the Live Avatar model or its caches would run out of memory instead."""
+    them and the Live Avatar model or its caches would run out of memory instead. On the CPU this
+    only updates ComfyUI's books (its models stay in RAM either way)."""
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:     # ComfyUI names its GPUs with their index
         device = torch.device("cuda", torch.cuda.current_device())

@@ -54,6 +54,9 @@ class LiveAvatarSampler(io.ComfyNode):
     def execute(cls, model, portrait, audio, prompt, size, custom_size, num_clips, steps, seed) -> io.NodeOutput:
         area = custom_size if size == CUSTOM_SIZE else size
         voice = audio_to_16k_mono(audio)
+        # the prompt's umT5 copy (11 GB), the portrait's encode, then the caches (tens of GB):
+        # ComfyUI's own models leave this GPU first, as they may have come back since loading
+        make_room(model.device, float("inf"))
         job = model.prepare(portrait[0], voice, prompt, size=area, num_clips=num_clips, steps=steps, seed=seed)
         bar = comfy.utils.ProgressBar(job.plan.total_block_steps)
 
@@ -64,9 +67,6 @@ class LiveAvatarSampler(io.ComfyNode):
                 preview = ("JPEG", latent_preview(event.latents), PREVIEW_MAX_SIDE)
             bar.update_absolute(event.done, event.total, preview)
 
-        needed = model.sampling_gpu_bytes(job.plan)     # None: on the CPU, or the DiT over several GPUs
-        if needed is not None:
-            make_room(model.device, needed)
         store = ClipLatents(job)
         # on_progress raises ComfyUI's own InterruptProcessingException, so the prompt ends as
         # "interrupted" (not as an error); the sampler drops its caches on the way out
