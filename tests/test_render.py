@@ -109,7 +109,6 @@ def test_on_the_gpu_auto_measures_the_decoder_and_streams_where_it_fits(tmp_path
     torch.testing.assert_close(videos["after"], videos["alongside"], atol=2e-3, rtol=0)
 
 
-
 def test_own_processes_prefer_expandable_segments_unless_told_otherwise(monkeypatch):
     from liveavatar_backend.render import ALLOCATOR_SETTINGS, prefer_expandable_segments
     monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
