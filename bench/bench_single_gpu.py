@@ -35,6 +35,7 @@ from liveavatar_backend import constants as C                        # noqa: E40
 from liveavatar_backend.config import DiTConfig                      # noqa: E402
 from liveavatar_backend.fp8 import convert_to_fp8                    # noqa: E402
 from liveavatar_backend.loading import assemble_dit                  # noqa: E402
+from liveavatar_backend.memory_budget import host_cache_bytes        # noqa: E402
 from liveavatar_backend.pipeline import BlockSampler, GenerationPlan  # noqa: E402
 from liveavatar_backend.sizes import parse_size, target_size         # noqa: E402
 from liveavatar_backend.vae import DECODE_LATENTS_PER_CALL           # noqa: E402
@@ -197,9 +198,14 @@ def main() -> None:
                 warm_up_clip_s = clip_seconds(warm_up_times)
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
+            torch._C._host_emptyCache()                       # the warm-up's pinned caches
+            torch.cuda.reset_peak_host_memory_stats()
             with ClockSampler() as clocks:
                 blocks, times, ttff, decode_times, ends = run_clips(model, plan, offload, graphs, vae, args.overlap, attn8)
             peak_gb = torch.cuda.max_memory_allocated() / 1e9            # before the profile's own run
+            # pinned host memory (low_vram's caches) as the allocator reserved it, and as estimated
+            host_peak_gb = torch.cuda.host_memory_stats().get("reserved_bytes.peak", 0) / 1e9
+            host_estimate_gb = host_cache_bytes(model.cfg, plan, offload_caches=offload) / 1e9
             if args.profile:
                 profile_clip(model, plan_for(size, steps, 1), offload,
                              Path(args.out) / f"profile-{mode}-{size.replace('*', 'x')}.txt", attn8)
@@ -238,6 +244,7 @@ def main() -> None:
                    "compile_s": compile_s, "warm_up_clip_s": warm_up_clip_s, "clip_s": clip_s,
                    "clip1_extra_s": clip1_extra_s,
                    "peak_gb": peak_gb, "memory_cap_gb": cap,
+                   "host_pinned_peak_gb": host_peak_gb, "host_cache_estimate_gb": host_estimate_gb,
                    "floor_step_ms": floors[(size, fp8)],
                    "floor_ratio": 1000 * dit_s / steps / floors[(size, fp8)], "max_rel_err_vs_bf16_eager": err,
                    **floor_clocks[(size, fp8)], **load,
@@ -252,7 +259,7 @@ def main() -> None:
     print("FPS: DiT + decode (with --decode); ms/blk-step and ratio: DiT alone against the floor "
           "(DiT + overlapped decode with --overlap)")
     print(f"\n{'size':>9} {'steps':>5} {'mode':>30} {'FPS':>6} {'FPS DiT':>7} {'dec ms':>6} {'ms/blk-step':>11} "
-          f"{'TTFF s':>7} {'peak GB':>8} {'floor':>6} {'ratio':>6} {'rel.err':>8} {'compile s':>9} {'clip1+ s':>9} {'SM MHz':>6} {'W':>4} {'floor MHz':>9}")
+          f"{'TTFF s':>7} {'peak GB':>8} {'host GB':>7} {'floor':>6} {'ratio':>6} {'rel.err':>8} {'compile s':>9} {'clip1+ s':>9} {'SM MHz':>6} {'W':>4} {'floor MHz':>9}")
     for r in rows:
         err = "-" if r["max_rel_err_vs_bf16_eager"] is None else f"{r['max_rel_err_vs_bf16_eager']:.1e}"
         comp = "-" if r["compile_s"] is None else f"{r['compile_s']:.0f}"
@@ -261,7 +268,7 @@ def main() -> None:
         dit = "-" if r["fps_dit_only"] is None else f"{r['fps_dit_only']:.1f}"
         print(f"{r['size']:>9} {r['steps']:>5} {r['mode']:>30} {r['fps']:6.1f} {dit:>7} {dec:>6} "
               f"{r['ms_per_block_step']:11.1f} "
-              f"{r['ttff_s']:7.2f} {r['peak_gb']:8.1f} {r['floor_step_ms']:6.1f} {r['floor_ratio']:6.2f} {err:>8} {comp:>9} {capture:>9} "
+              f"{r['ttff_s']:7.2f} {r['peak_gb']:8.1f} {r['host_pinned_peak_gb']:7.1f} {r['floor_step_ms']:6.1f} {r['floor_ratio']:6.2f} {err:>8} {comp:>9} {capture:>9} "
               f"{r.get('sm_clock_mhz', float('nan')):6.0f} {r.get('power_w', float('nan')):4.0f} "
               f"{r.get('floor_sm_clock_mhz', float('nan')):9.0f}")
 

@@ -7,6 +7,12 @@ and one chunk per ring slot (a block's 3 latent frames) per step. A step only ev
 ring and the cond region, so that is all that crosses the bus; new block keys/values go back to
 the host right after they are written. The GPU holds 2 layers' worth of one step's cache instead
 of every layer of every step.
+
+PyTorch's pinned-memory allocator (`CachingHostAllocator`) rounds every allocation up to a power of
+two, which cost low_vram 18.8 GB of RAM for 12.9 GB of caches at 384*256, 3 steps (and 193 for 122
+at 1024*704). So the chunks are not allocated one by one but packed into slabs whose sizes are
+(nearly) powers of two: `slab_chunk_counts` plans them, and `memory_budget.host_cache_bytes` counts
+RAM from the same plan.
 """
 from __future__ import annotations
 
@@ -14,6 +20,41 @@ import torch
 
 from .constants import BLOCKS_PER_CLIP
 from .kv_cache import CacheLayout, KVCacheBank, StepCache, cache_tensor, token_major
+
+# Largest pinned slab. A power of two, so a full slab wastes only its size modulo a chunk (< 2 % of
+# it at the sizes of sizes.py); big enough that a 48 GB bank is a dozen allocations.
+PINNED_SLAB_BYTES = 1 << 32
+
+
+def power_of_two_ceil(nbytes: int) -> int:
+    return 1 << (nbytes - 1).bit_length()
+
+
+def slab_chunk_counts(chunk_bytes: int, count: int) -> list[int]:
+    """How many chunks of `chunk_bytes` each slab holds, for `count` chunks in all: full slabs of
+    `PINNED_SLAB_BYTES` (or a power of two holding one chunk, were a chunk larger), then, for the
+    rest, slabs of the largest power of two the rest fills, so that no slab wastes a chunk or more
+    (by the allocator's rounding)."""
+    full_slab = max(PINNED_SLAB_BYTES, power_of_two_ceil(chunk_bytes))
+    counts = []
+    while count > 0:
+        rest = min(count * chunk_bytes, full_slab)
+        slab = max(power_of_two_ceil(chunk_bytes), 1 << (rest.bit_length() - 1))   # largest 2^k <= rest
+        counts.append(min(count, slab // chunk_bytes))
+        count -= counts[-1]
+    return counts
+
+
+def host_chunks(count: int, tokens: int, num_heads: int, head_dim: int, dtype: torch.dtype,
+                pin: bool) -> list[torch.Tensor]:
+    """`count` zeroed host chunks laid out as `cache_tensor`'s ([1, heads, tokens, head_dim] over
+    token-major memory), views into slabs planned by `slab_chunk_counts`."""
+    chunk_bytes = tokens * num_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+    chunks = []
+    for in_slab in slab_chunk_counts(chunk_bytes, count):
+        slab = torch.zeros(in_slab, tokens, num_heads, head_dim, dtype=dtype, pin_memory=pin)
+        chunks += [slab[i:i + 1].transpose(1, 2) for i in range(in_slab)]
+    return chunks
 
 
 class OffloadedKVCacheBank(KVCacheBank):
@@ -26,14 +67,14 @@ class OffloadedKVCacheBank(KVCacheBank):
         self.pair_sizes = [min(2, steps - 2 * p) for p in range((steps + 1) // 2)]
         pin = self.device.type == "cuda"
 
-        def host(tokens):            # token-major like the staging buffers: one memcpy per transfer
-            return cache_tensor(tokens, num_heads, head_dim, dtype=dtype, pin_memory=pin)
+        def host(keys: list, tokens: int) -> dict:   # (keys, values) chunks per key, token-major like
+            chunks = iter(host_chunks(2 * len(keys), tokens, num_heads, head_dim, dtype, pin))   # staging
+            return {key: (next(chunks), next(chunks)) for key in keys}
 
         # host chunks: cond per (layer, pair); ring per (layer, step, slot)
-        self.host_cond = {(l, p): (host(layout.cond_len), host(layout.cond_len))
-                          for l in layers for p in range(len(self.pair_sizes))}
-        self.host_ring = {(l, s, b): (host(layout.block_tokens), host(layout.block_tokens))
-                          for l in layers for s in range(steps) for b in range(BLOCKS_PER_CLIP)}
+        self.host_cond = host([(l, p) for l in layers for p in range(len(self.pair_sizes))], layout.cond_len)
+        self.host_ring = host([(l, s, b) for l in layers for s in range(steps) for b in range(BLOCKS_PER_CLIP)],
+                              layout.block_tokens)
         widest = layout.cond_len + 2 * layout.ring_len
         self.staging = [(cache_tensor(widest, num_heads, head_dim, dtype=dtype, device=device),
                          cache_tensor(widest, num_heads, head_dim, dtype=dtype, device=device)) for _ in range(2)]

@@ -7,11 +7,13 @@ import torch
 from liveavatar_backend import memory_budget
 from liveavatar_backend.config import DiTConfig
 from liveavatar_backend.errors import InputError
+from liveavatar_backend.kv_offload import PINNED_SLAB_BYTES, power_of_two_ceil, slab_chunk_counts
 from liveavatar_backend.memory_budget import cache_gpu_bytes, check_caches_fit, host_cache_bytes, sampling_gpu_bytes
 from liveavatar_backend.memory_modes import MEMORY_MODES
 from liveavatar_backend.pipeline import BlockSampler, GenerationPlan
 
 GB = 1e9
+MiB = 2 ** 20
 FULL = DiTConfig.wan_s2v_14b()
 BF16_WEIGHTS = 32.59 * GB        # 16.30 B parameters of the manifest, 2 bytes each
 FP8_WEIGHTS = 17.0 * GB          # e4m3 linears plus the bf16 rest (engine load, PERFORMANCE.md)
@@ -82,15 +84,28 @@ def test_which_full_size_runs_an_80_gb_card_refuses(mode, size, steps, fits):
 
 
 def test_low_vram_host_memory_at_full_size():
-    # what README's VRAM table says low_vram keeps in RAM: the whole bank, as on the GPU otherwise,
-    # each chunk rounded up to a power of two by PyTorch's pinned-memory allocator
+    # what README's VRAM table says low_vram keeps in RAM: the whole bank, as on the GPU otherwise;
+    # pinned, in slabs that PyTorch's pinned-memory allocator rounds up to a power of two
     def host(size, steps, pinned):
         return host_cache_bytes(FULL, plan(size, steps), offload_caches=True, pinned=pinned) / GB
     assert host((384, 256), 3, False) == pytest.approx(12.9, abs=0.05)
     assert host((704, 384), 4, False) == pytest.approx(45.8, abs=0.05)
-    assert host((384, 256), 3, True) == pytest.approx(18.8, abs=0.05)
-    assert host((704, 384), 4, True) == pytest.approx(48.3, abs=0.05)
+    assert host((384, 256), 3, True) == pytest.approx(13.0, abs=0.05)      # 18.8 with a chunk per allocation
+    assert host((704, 384), 4, True) == pytest.approx(46.0, abs=0.05)      # 48.3 so
+    for size in ((384, 256), (704, 384), (1024, 704)):                     # 1024*704: 193 GB for 122 so
+        assert host(size, 4, True) < 1.02 * host(size, 4, False)
     assert host_cache_bytes(FULL, plan((704, 384), 4), offload_caches=False) == 0
+
+
+@pytest.mark.parametrize("chunk_bytes", [31 * MiB + 5, 4 * MiB, 300 * MiB + 1, 5 * 2 ** 30])
+@pytest.mark.parametrize("count", [1, 2, 7, 133, 1000])
+def test_pinned_slabs_hold_every_chunk_and_waste_less_than_a_chunk_each(chunk_bytes, count):
+    counts = slab_chunk_counts(chunk_bytes, count)
+    assert sum(counts) == count and min(counts) >= 1
+    for in_slab in counts:
+        held = power_of_two_ceil(in_slab * chunk_bytes)          # what the pinned allocator reserves
+        assert held - in_slab * chunk_bytes < chunk_bytes
+        assert held <= max(PINNED_SLAB_BYTES, power_of_two_ceil(chunk_bytes))
 
 
 @pytest.mark.parametrize("mode,suggested", [("quality", ["'balanced'", "'fast'", "'low_vram'"]),
@@ -129,17 +144,21 @@ def test_cache_bytes_are_what_a_generation_allocates(tiny_engine, offload):
     sampler = BlockSampler(engine.dit, job.plan, job.cond, offload_caches=offload)
     sampler.prefill(job.cond.ref_latent)
     bank = sampler.bank
+
+    def size(tensors):
+        return sum(tensor.numel() * tensor.element_size() for tensor in tensors)
     if offload:
         on_gpu = [tensor for slot in bank.staging for tensor in slot]
         on_host = [tensor for chunks in (bank.host_cond, bank.host_ring) for pair in chunks.values() for tensor in pair]
+        slabs = {tensor.untyped_storage().data_ptr(): tensor.untyped_storage().nbytes() for tensor in on_host}
+        assert sum(slabs.values()) == size(on_host)          # chunks packed into slabs, no byte twice
+        assert len(slabs) < len(on_host) / 4
     else:
         on_gpu = [tensor for layers in (bank.k, bank.v) for per_layer in layers.values() for tensor in per_layer]
         on_host = []
     on_gpu += list(bank.sink_ref_k.values())
     assert len(bank.sink_ref_k) == engine.dit.cfg.num_layers
 
-    def size(tensors):
-        return sum(tensor.numel() * tensor.element_size() for tensor in tensors)
     cfg = engine.dit.cfg
     assert size(on_gpu) == cache_gpu_bytes(cfg, job.plan, offload_caches=offload, fp8_attention=False,
                                            dtype=engine.dtype)
