@@ -33,6 +33,7 @@ from floor import step_floor_ms                                      # noqa: E40
 from liveavatar_backend import block_ops                             # noqa: E402
 from liveavatar_backend import constants as C                        # noqa: E402
 from liveavatar_backend.config import DiTConfig                      # noqa: E402
+from liveavatar_backend.cuda_graphs import capture_blocked           # noqa: E402
 from liveavatar_backend.fp8 import convert_to_fp8                    # noqa: E402
 from liveavatar_backend.loading import assemble_dit                  # noqa: E402
 from liveavatar_backend.memory_budget import host_cache_bytes        # noqa: E402
@@ -183,6 +184,7 @@ def main() -> None:
             block_ops.enable_compile()
         else:
             block_ops.disable_compile()
+        graphs = graphs and capture_blocked() is None    # as BlockSampler decides under cudaMallocAsync
         for size, steps in cases:
             plan = plan_for(size, steps, args.clips)
             cap = memory_cap_gb(mode, size)
@@ -198,13 +200,11 @@ def main() -> None:
                 warm_up_clip_s = clip_seconds(warm_up_times)
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-            torch._C._host_emptyCache()                       # the warm-up's pinned caches
-            torch.cuda.reset_peak_host_memory_stats()
             with ClockSampler() as clocks:
                 blocks, times, ttff, decode_times, ends = run_clips(model, plan, offload, graphs, vae, args.overlap, attn8)
             peak_gb = torch.cuda.max_memory_allocated() / 1e9            # before the profile's own run
-            # pinned host memory (low_vram's caches) as the allocator reserved it, and as estimated
-            host_peak_gb = torch.cuda.host_memory_stats().get("reserved_bytes.peak", 0) / 1e9
+            # low_vram's pinned host memory as the pinned allocator holds it (torch 2.11's
+            # host_memory_stats() came back empty on an H100, 2026-12-06: estimated, not measured)
             host_estimate_gb = host_cache_bytes(model.cfg, plan, offload_caches=offload) / 1e9
             if args.profile:
                 profile_clip(model, plan_for(size, steps, 1), offload,
@@ -233,7 +233,8 @@ def main() -> None:
                 reference[(size, steps)] = blocks
             err = relative_errors(blocks, reference[(size, steps)]) if (size, steps) in reference else None
             row = {"device": torch.cuda.get_device_name(), "gpus": 1, "size": f"{plan.width}*{plan.height}",
-                   "steps": steps, "mode": mode + decode_label, "clips": args.clips, "fps": C.FRAMES_PER_BLOCK / block_s,
+                   "steps": steps, "mode": mode + decode_label, "cuda_graphs": graphs,
+                   "allocator": torch.cuda.get_allocator_backend(), "clips": args.clips, "fps": C.FRAMES_PER_BLOCK / block_s,
                    "ms_per_block_step": 1000 * dit_s / steps,
                    "ms_per_block_step_includes": "DiT + overlapped decode" if overlapped else "DiT",
                    "ttff_s": ttff,
@@ -244,7 +245,7 @@ def main() -> None:
                    "compile_s": compile_s, "warm_up_clip_s": warm_up_clip_s, "clip_s": clip_s,
                    "clip1_extra_s": clip1_extra_s,
                    "peak_gb": peak_gb, "memory_cap_gb": cap,
-                   "host_pinned_peak_gb": host_peak_gb, "host_cache_estimate_gb": host_estimate_gb,
+                   "host_cache_estimate_gb": host_estimate_gb,
                    "floor_step_ms": floors[(size, fp8)],
                    "floor_ratio": 1000 * dit_s / steps / floors[(size, fp8)], "max_rel_err_vs_bf16_eager": err,
                    **floor_clocks[(size, fp8)], **load,
@@ -257,7 +258,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(rows, indent=1))
     print("FPS: DiT + decode (with --decode); ms/blk-step and ratio: DiT alone against the floor "
-          "(DiT + overlapped decode with --overlap)")
+          "(DiT + overlapped decode with --overlap); host GB: low_vram's pinned caches, estimated")
     print(f"\n{'size':>9} {'steps':>5} {'mode':>30} {'FPS':>6} {'FPS DiT':>7} {'dec ms':>6} {'ms/blk-step':>11} "
           f"{'TTFF s':>7} {'peak GB':>8} {'host GB':>7} {'floor':>6} {'ratio':>6} {'rel.err':>8} {'compile s':>9} {'clip1+ s':>9} {'SM MHz':>6} {'W':>4} {'floor MHz':>9}")
     for r in rows:
@@ -268,7 +269,7 @@ def main() -> None:
         dit = "-" if r["fps_dit_only"] is None else f"{r['fps_dit_only']:.1f}"
         print(f"{r['size']:>9} {r['steps']:>5} {r['mode']:>30} {r['fps']:6.1f} {dit:>7} {dec:>6} "
               f"{r['ms_per_block_step']:11.1f} "
-              f"{r['ttff_s']:7.2f} {r['peak_gb']:8.1f} {r['host_pinned_peak_gb']:7.1f} {r['floor_step_ms']:6.1f} {r['floor_ratio']:6.2f} {err:>8} {comp:>9} {capture:>9} "
+              f"{r['ttff_s']:7.2f} {r['peak_gb']:8.1f} {r['host_cache_estimate_gb']:7.1f} {r['floor_step_ms']:6.1f} {r['floor_ratio']:6.2f} {err:>8} {comp:>9} {capture:>9} "
               f"{r.get('sm_clock_mhz', float('nan')):6.0f} {r.get('power_w', float('nan')):4.0f} "
               f"{r.get('floor_sm_clock_mhz', float('nan')):9.0f}")
 

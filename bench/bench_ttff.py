@@ -36,6 +36,7 @@ from liveavatar_backend.fp8 import convert_to_fp8                      # noqa: E
 from liveavatar_backend.memory_modes import memory_mode                # noqa: E402
 from liveavatar_backend.clip_decoder import ClipDecoder                # noqa: E402
 from liveavatar_backend.pipeline import BlockSampler, Conditioning, GenerationPlan  # noqa: E402
+from liveavatar_backend.render import prefer_expandable_segments       # noqa: E402
 from liveavatar_backend.sizes import parse_size, target_size           # noqa: E402
 from liveavatar_backend.vae import DECODE_LATENTS_PER_CALL, ENCODE_FRAMES_PER_CALL  # noqa: E402
 
@@ -54,6 +55,8 @@ def main() -> None:
     parser.add_argument("--memory-mode", default="quality", choices=("quality", "balanced", "fast"))
     parser.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     args = parser.parse_args()
+    # as the command line does: without it `quality` at 704*384 ran out of memory on an H100 (2026-12-06)
+    prefer_expandable_segments()
     mode = memory_mode(args.memory_mode)
     from accelerate import init_empty_weights
     from transformers import UMT5Config, UMT5EncoderModel, Wav2Vec2Config, Wav2Vec2Model

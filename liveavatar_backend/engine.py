@@ -20,6 +20,7 @@ from . import block_ops, fp8_attention
 from . import constants as C
 from .audio import AudioFeatureExtractor
 from .clip_decoder import ClipDecoder
+from .cuda_graphs import capture_blocked
 from .errors import CheckpointError, InputError
 from .image import preprocess_portrait
 from .lora import read_lora
@@ -151,6 +152,9 @@ class LiveAvatarEngine:
             block_ops.enable_compile()        # one graph per function for all layers (PERFORMANCE.md)
         if compile_ok and not mode.offload_caches:
             vae.enable_compile()              # 0.55x the VAE's time; low_vram keeps the smaller eager peak
+        graphs_blocked = capture_blocked() if on_gpu and dit is not None and not mode.offload_caches else None
+        if graphs_blocked:
+            report(f"CUDA graphs are off: {graphs_blocked} (README, Troubleshooting)")
         return cls(dit, text, vae, audio, device, dtype, spec, mode, workers)
 
     def close(self) -> None:

@@ -26,7 +26,7 @@ from .errors import GenerationInterrupted, InputError
 from .fp8 import FP8_DTYPE
 from .fp8_attention import cache_scales
 from .kv_cache import CacheLayout, KVCacheBank
-from .cuda_graphs import StepGraphs
+from .cuda_graphs import StepGraphs, capture_blocked
 from .kv_offload import OffloadedKVCacheBank
 from .model import LiveAvatarDiT
 from .schedule import euler_step, flow_match_schedule, validate_steps
@@ -122,7 +122,7 @@ class BlockSampler:
                               FP8_DTYPE if fp8_attention else dit.dtype, dit.device)
         if fp8_attention:
             self.bank.scales = cache_scales(dit, range(cfg.num_layers), self.timesteps[: plan.steps])
-        use_graphs = cuda_graphs and dit.device.type == "cuda" and not offload_caches
+        use_graphs = cuda_graphs and dit.device.type == "cuda" and not offload_caches and capture_blocked() is None
         self.graphs = StepGraphs(dit, self.bank, cond.text_kv) if use_graphs else None
 
     def prefill(self, ref_latent: torch.Tensor) -> None:

@@ -1,13 +1,15 @@
 """CUDA graphs of whole denoising steps (`cuda_graphs.StepGraphs`), on a GPU: from clip 1 on, every
 (step, ring slot) is captured once and then replayed, after a single warm-up pass per job, and the
 replays give the blocks that the passes without graphs give, with the layer functions eager and
-compiled (as the engine runs them).
-Skipped without a GPU (the CPU never uses graphs)."""
+compiled (as the engine runs them). Under PyTorch's cudaMallocAsync allocator compiled steps cannot
+be captured: the sampler then runs them compiled without graphs.
+The GPU tests are skipped without a GPU (the CPU never uses graphs); run them under both allocators:
+    PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync python -m pytest --noconftest tests/test_cuda_graphs.py"""
 import pytest
 import torch
 
 from liveavatar_backend import block_ops, constants as C
-from liveavatar_backend.cuda_graphs import StepGraphs
+from liveavatar_backend.cuda_graphs import ASYNC_ALLOCATOR, StepGraphs, capture_blocked
 from liveavatar_backend.fixtures import tiny_dit
 from liveavatar_backend.pipeline import BlockSampler, Conditioning, GenerationPlan
 
@@ -48,6 +50,8 @@ def layer_functions(request):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_graph_replays_give_the_blocks_of_plain_passes(monkeypatch, layer_functions):
+    if capture_blocked():
+        pytest.skip(capture_blocked())
     dit = tiny_dit(seed=0).to("cuda", torch.bfloat16)
     plan = GenerationPlan(HEIGHT, WIDTH, 3, 3, seed=0)        # clip 1 captures, clip 2 only replays
     cond = conditioning(dit, "cuda")
@@ -60,3 +64,34 @@ def test_graph_replays_give_the_blocks_of_plain_passes(monkeypatch, layer_functi
     errors = [((g - p).norm() / p.norm()).item() for g, p in zip(graphed, plain)]
     assert errors[0] < 1e-5, errors                            # clip 0 never uses graphs
     assert max(errors) < 1e-2, errors                          # same kernels; cuBLAS may pick others under capture
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_allocator_backend() != ASYNC_ALLOCATOR,
+                    reason=f"needs a GPU under PYTORCH_CUDA_ALLOC_CONF=backend:{ASYNC_ALLOCATOR}")
+def test_under_cuda_malloc_async_compiled_steps_run_without_graphs(monkeypatch):
+    supported, why = block_ops.compile_supported()
+    if not supported:
+        pytest.skip(why)
+    dit = tiny_dit(seed=0).to("cuda", torch.bfloat16)
+    plan = GenerationPlan(HEIGHT, WIDTH, 3, 3, seed=0)
+    cond = conditioning(dit, "cuda")
+    plain = [clip.float() for clip in BlockSampler(dit, plan, cond).clips()]
+    block_ops.enable_compile()
+    try:
+        sampler = BlockSampler(dit, plan, cond, cuda_graphs=True)
+        assert sampler.graphs is None
+        compiled = [clip.float() for clip in sampler.clips()]
+    finally:
+        block_ops.disable_compile()
+    assert max(((c - p).norm() / p.norm()).item() for c, p in zip(compiled, plain)) < 2e-2
+
+
+@pytest.mark.parametrize("backend,compiled,blocked", [(ASYNC_ALLOCATOR, True, True), (ASYNC_ALLOCATOR, False, False),
+                                                     ("native", True, False), ("native", False, False)])
+def test_which_steps_can_be_captured(monkeypatch, backend, compiled, blocked):
+    monkeypatch.setattr(torch.cuda, "get_allocator_backend", lambda: backend)
+    monkeypatch.setattr(block_ops, "compile_enabled", lambda: compiled)
+    reason = capture_blocked()
+    assert (reason is not None) == blocked
+    if blocked:
+        assert "--disable-cuda-malloc" in reason and ASYNC_ALLOCATOR in reason
