@@ -175,7 +175,8 @@ def main() -> None:
             torch.cuda.empty_cache()
         compile_s = None
         offload = "lowvram" in mode
-        graphs = "graphs" in mode and not offload        # as BlockSampler decides
+        graphs = "graphs" in mode and not offload and capture_blocked() is None   # as BlockSampler decides
+        label = mode + decode_label + (" (no graphs)" if "graphs" in mode and not offload and not graphs else "")
         attn8 = "attn8" in mode                  # FP8 attention over e4m3 caches (memory_mode 'fast')
         vae = None if not args.decode else compiled_vae if "-compiled" in mode and not offload else eager_vae
         if vae is not None:
@@ -184,7 +185,6 @@ def main() -> None:
             block_ops.enable_compile()
         else:
             block_ops.disable_compile()
-        graphs = graphs and capture_blocked() is None    # as BlockSampler decides under cudaMallocAsync
         for size, steps in cases:
             plan = plan_for(size, steps, args.clips)
             cap = memory_cap_gb(mode, size)
@@ -233,7 +233,7 @@ def main() -> None:
                 reference[(size, steps)] = blocks
             err = relative_errors(blocks, reference[(size, steps)]) if (size, steps) in reference else None
             row = {"device": torch.cuda.get_device_name(), "gpus": 1, "size": f"{plan.width}*{plan.height}",
-                   "steps": steps, "mode": mode + decode_label, "cuda_graphs": graphs,
+                   "steps": steps, "mode": label, "cuda_graphs": graphs,
                    "allocator": torch.cuda.get_allocator_backend(), "clips": args.clips, "fps": C.FRAMES_PER_BLOCK / block_s,
                    "ms_per_block_step": 1000 * dit_s / steps,
                    "ms_per_block_step_includes": "DiT + overlapped decode" if overlapped else "DiT",

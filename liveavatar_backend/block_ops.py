@@ -182,9 +182,5 @@ def enable_compile(backend="inductor", options: dict | None = None) -> None:
                                         options=options)
 
 
-def compile_enabled() -> bool:
-    return bool(_compiled)
-
-
 def disable_compile() -> None:
     _compiled.clear()

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import torch
 
-from . import block_ops
 from .kv_cache import KVCacheBank
 from .model import LiveAvatarDiT
 
@@ -30,15 +29,17 @@ ASYNC_ALLOCATOR = "cudaMallocAsync"      # torch.cuda.get_allocator_backend()'s 
 
 def capture_blocked() -> str | None:
     """Why steps cannot be captured in this process (None: they can). Under PyTorch's cudaMallocAsync
-    allocator, memory allocated inside a capture is not yet mapped, and the compiled layer
-    functions' Triton kernels check their pointers when launched: the capture failed with "CUDA
-    driver error: invalid argument" and the process then aborted (H100, torch 2.11, 2026-12-06,
-    PERFORMANCE.md). Eager layer functions capture there but run at half the speed, while compiled
-    ones without graphs run at 0.96× (384*256) to 0.99× (704*384) of compiled graphs under PyTorch's
-    own allocator (`balanced`, same H100), so the sampler keeps compile and drops the graphs."""
-    if block_ops.compile_enabled() and torch.cuda.get_allocator_backend() == ASYNC_ALLOCATOR:
-        return (f"PyTorch's {ASYNC_ALLOCATOR} allocator is on (ComfyUI's default; start ComfyUI with "
-                "--disable-cuda-malloc to use PyTorch's own), and compiled steps cannot be captured under it")
+    allocator (H100, torch 2.11, 2026-12-06, PERFORMANCE.md):
+    * memory allocated inside a capture is not yet mapped, and the compiled layer functions' Triton
+      kernels check their pointers when launched: the capture failed with "CUDA driver error:
+      invalid argument" and the process then aborted;
+    * eager layer functions do capture, but every graph keeps its own memory (81.4 GB at 384*256
+      in `balanced`, against 32 GB without graphs) and they ran at half the compiled speed.
+    Compiled steps without graphs ran at 0.96× (384*256) to 0.99× (704*384) of compiled graphs
+    under PyTorch's own allocator, so there the sampler runs without graphs."""
+    if torch.cuda.get_allocator_backend() == ASYNC_ALLOCATOR:
+        return (f"PyTorch's {ASYNC_ALLOCATOR} allocator is on (ComfyUI's default: start ComfyUI with "
+                "--disable-cuda-malloc for PyTorch's own), and denoising steps cannot be captured under it")
     return None
 
 

@@ -21,8 +21,8 @@ import torch
 from .constants import BLOCKS_PER_CLIP
 from .kv_cache import CacheLayout, KVCacheBank, StepCache, cache_tensor, token_major
 
-# Largest pinned slab. A power of two, so a full slab wastes only its size modulo a chunk (< 2 % of
-# it at the sizes of sizes.py); big enough that a 48 GB bank is a dozen allocations.
+# Largest pinned slab. A power of two, so a full slab wastes only its size modulo a chunk (≤ 2.2 %
+# of it at the sizes of sizes.py); big enough that a 48 GB bank is a dozen allocations.
 PINNED_SLAB_BYTES = 1 << 32
 
 
@@ -35,6 +35,7 @@ def slab_chunk_counts(chunk_bytes: int, count: int) -> list[int]:
     `PINNED_SLAB_BYTES` (or a power of two holding one chunk, were a chunk larger), then, for the
     rest, slabs of the largest power of two the rest fills, so that no slab wastes a chunk or more
     (by the allocator's rounding)."""
+    assert chunk_bytes > 0, chunk_bytes
     full_slab = max(PINNED_SLAB_BYTES, power_of_two_ceil(chunk_bytes))
     counts = []
     while count > 0:

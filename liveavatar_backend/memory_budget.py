@@ -48,8 +48,8 @@ def host_cache_bytes(cfg, plan, *, offload_caches: bool, dtype: torch.dtype = to
     """Host memory the caches hold where they are offloaded (`low_vram`): per layer, a cond chunk per
     step pair and a chunk per ring block and step, keys and values, as `OffloadedKVCacheBank`
     allocates them; 0 where they stay on the GPU. `pinned`: as PyTorch's pinned-memory allocator
-    holds them, each slab of chunks rounded up to a power of two (12.9 GB at 384*256, 3 steps; 45.9
-    for 45.8 at 704*384, 4 steps)."""
+    holds them, each slab of chunks rounded up to a power of two (13.0 GB for 12.9 at 384*256, 3
+    steps; 46.0 for 45.8 at 704*384, 4 steps)."""
     if not offload_caches:
         return 0
     lay = plan.layout

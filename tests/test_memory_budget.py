@@ -106,6 +106,10 @@ def test_pinned_slabs_hold_every_chunk_and_waste_less_than_a_chunk_each(chunk_by
         held = power_of_two_ceil(in_slab * chunk_bytes)          # what the pinned allocator reserves
         assert held - in_slab * chunk_bytes < chunk_bytes
         assert held <= max(PINNED_SLAB_BYTES, power_of_two_ceil(chunk_bytes))
+    # packed: full slabs, then a few slabs of halving sizes for the rest
+    per_full_slab = max(1, max(PINNED_SLAB_BYTES, power_of_two_ceil(chunk_bytes)) // chunk_bytes)
+    assert len(counts) <= count // per_full_slab + 2 * per_full_slab.bit_length()
+    assert slab_chunk_counts(chunk_bytes, 0) == []
 
 
 @pytest.mark.parametrize("mode,suggested", [("quality", ["'balanced'", "'fast'", "'low_vram'"]),
