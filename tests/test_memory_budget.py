@@ -91,8 +91,8 @@ def test_low_vram_host_memory_at_full_size():
     assert host((384, 256), 3, False) == pytest.approx(12.9, abs=0.05)
     assert host((704, 384), 4, False) == pytest.approx(45.8, abs=0.05)
     assert host((384, 256), 3, True) == pytest.approx(13.0, abs=0.05)      # 18.8 with a chunk per allocation
-    assert host((704, 384), 4, True) == pytest.approx(46.0, abs=0.05)      # 48.3 so
-    for size in ((384, 256), (704, 384), (1024, 704)):                     # 1024*704: 193 GB for 122 so
+    assert host((704, 384), 4, True) == pytest.approx(46.0, abs=0.05)      # 48.3 with a chunk per allocation
+    for size in ((384, 256), (704, 384), (1024, 704)):                     # 1024*704: 193 GB for 122 chunk by chunk
         assert host(size, 4, True) < 1.02 * host(size, 4, False)
     assert host_cache_bytes(FULL, plan((704, 384), 4), offload_caches=False) == 0
 

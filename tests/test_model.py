@@ -149,7 +149,8 @@ def test_paired_cache_bank_equals_naive_caches(steps):
 @pytest.mark.parametrize("steps", [3, 4])
 def test_offloaded_cache_bank_equals_resident_bank(steps, monkeypatch):
     from liveavatar_backend import kv_offload
-    # the host chunks are not zeroed: poisoned with NaN, any region read before it is written shows
+    # whatever the host chunks start with must not matter: poisoned with NaN, any region read
+    # before it is written shows
     host_chunks = kv_offload.host_chunks
 
     def poisoned(*args):
