@@ -5,6 +5,10 @@ staging slots) and releases it, three times per case; the `zeroed` rows zero the
 more, to show what zeroing costs beside pinning.
 
     python bench/bench_host_caches.py --cases 384*256:3,704*384:4
+
+The bank switches PyTorch's pinned allocator to parallel pinning (`kv_offload.PARALLEL_PINNING`)
+unless the allocator settings name a pinned option: PYTORCH_CUDA_ALLOC_CONF=pinned_use_cuda_host_register:False
+times PyTorch's default pinning. Rows record which one ran (`parallel_pinning`).
 """
 from __future__ import annotations
 
@@ -54,6 +58,7 @@ def main() -> None:
     parser.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     args = parser.parse_args()
     cfg = DiTConfig.wan_s2v_14b()
+    parallel = kv_offload.prefer_parallel_pinning()         # what the bank will do (it asks again)
     rows = []
     for case in args.cases.split(","):
         size, steps = case.split(":")
@@ -63,6 +68,7 @@ def main() -> None:
             times = [setup_seconds(cfg, plan, zeroed) for _ in range(REPEATS)]
             rows.append({"device": torch.cuda.get_device_name(), "size": f"{plan.width}*{plan.height}",
                          "steps": plan.steps, "host_chunks": "zeroed" if zeroed else "as the bank makes them",
+                         "parallel_pinning": parallel,
                          "setup_s_median": statistics.median(times), "setup_s": times,
                          "host_gb": host_cache_bytes(cfg, plan, offload_caches=True) / 1e9,
                          "date": datetime.date.today().isoformat(), "torch": torch.__version__})
@@ -71,9 +77,11 @@ def main() -> None:
     out = Path(args.out) / f"host-caches-{name}-{datetime.date.today().isoformat()}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(rows, indent=1))
-    print(f"\n{'size':>9} {'steps':>5} {'host chunks':>22} {'host GB':>8} {'setup s':>8}")
+    print(f"\n{'size':>9} {'steps':>5} {'host chunks':>22} {'pinning':>8} {'host GB':>8} {'setup s':>8}")
     for r in rows:
-        print(f"{r['size']:>9} {r['steps']:>5} {r['host_chunks']:>22} {r['host_gb']:8.1f} {r['setup_s_median']:8.2f}")
+        pinning = "parallel" if r["parallel_pinning"] else "default"
+        print(f"{r['size']:>9} {r['steps']:>5} {r['host_chunks']:>22} {pinning:>8} {r['host_gb']:8.1f} "
+              f"{r['setup_s_median']:8.2f}")
 
 
 if __name__ == "__main__":

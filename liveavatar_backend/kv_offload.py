@@ -16,6 +16,8 @@ RAM from the same plan.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .constants import BLOCKS_PER_CLIP
@@ -24,6 +26,28 @@ from .kv_cache import CacheLayout, KVCacheBank, StepCache, cache_tensor, token_m
 # Largest pinned slab. A power of two, so a full slab wastes only its size modulo a chunk (≤ 2.2 %
 # of it at the sizes of sizes.py); big enough that a 48 GB bank is a dozen allocations.
 PINNED_SLAB_BYTES = 1 << 32
+
+
+# PyTorch's pinned allocator pins each block with one cudaHostAlloc call by default, ≈ 2.5 GB/s:
+# 13 GB of caches at 384*256, 3 steps took 5.2-7.0 s before the first block. With these settings
+# (PyTorch's CUDA allocator options) it mallocs, touches the pages from 8 threads (the count
+# PyTorch's allocator code names as its benchmarked best) and registers them: 2.3 s for the same
+# 13 GB on an H200 (bench_host_caches.py, docs/PERFORMANCE.md, 2026-12-07).
+PARALLEL_PINNING = "pinned_use_cuda_host_register:True,pinned_num_register_threads:8"
+ALLOCATOR_ENV_VARS = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")
+
+
+def prefer_parallel_pinning() -> bool:
+    """Switch PyTorch's pinned allocator to `PARALLEL_PINNING` for the rest of the process, unless
+    the allocator settings name a pinned-memory option already (the user's choice stands). True if
+    the switch is on. A PyTorch that refuses it keeps its default pinning: slower, same result."""
+    if any("pinned_" in os.environ.get(name, "") for name in ALLOCATOR_ENV_VARS):
+        return False
+    try:
+        torch.cuda.memory._set_allocator_settings(PARALLEL_PINNING)
+    except (AttributeError, RuntimeError, ValueError):
+        return False
+    return True
 
 
 def power_of_two_ceil(nbytes: int) -> int:
@@ -51,7 +75,7 @@ def host_chunks(count: int, tokens: int, num_heads: int, head_dim: int, dtype: t
     """`count` zeroed host chunks laid out as `cache_tensor`'s ([1, heads, tokens, head_dim] over
     token-major memory), views into slabs planned by `slab_chunk_counts`. The zeros are not needed
     (tests/test_model.py fills the chunks with NaN: no region is read before it is written) and
-    cost nothing measurable: pinning is what takes the time, ≈ 2.5 GB/s (bench_host_caches.py)."""
+    cost nothing measurable: pinning is what takes the time (`PARALLEL_PINNING`)."""
     chunk_bytes = tokens * num_heads * head_dim * torch.empty((), dtype=dtype).element_size()
     chunks = []
     for in_slab in slab_chunk_counts(chunk_bytes, count):
@@ -69,6 +93,8 @@ class OffloadedKVCacheBank(KVCacheBank):
         self.device = torch.device(device)
         self.pair_sizes = [min(2, steps - 2 * p) for p in range((steps + 1) // 2)]
         pin = self.device.type == "cuda"
+        if pin:
+            prefer_parallel_pinning()
 
         def host(keys: list, tokens: int) -> dict:   # (keys, values) chunks per key, token-major like
             chunks = iter(host_chunks(2 * len(keys), tokens, num_heads, head_dim, dtype, pin))   # staging

@@ -189,6 +189,50 @@ def test_low_vram_hands_its_pinned_memory_back_when_released(tiny_engine, monkey
     assert emptied == [True] and bank.host_ring == {} and bank.host_cond == {}
 
 
+def test_low_vram_asks_for_parallel_pinning_unless_the_user_configured_pinning(monkeypatch):
+    """PyTorch's pinned allocator is switched to malloc + page touching on 8 threads + register
+    (3x faster setup, PERFORMANCE.md 2026-12-07), but a pinned_ option in the user's allocator
+    settings stands, and a PyTorch that refuses the switch only loses the speed."""
+    from liveavatar_backend import kv_offload
+    settings = []
+    monkeypatch.setattr(torch.cuda.memory, "_set_allocator_settings", settings.append, raising=False)
+    for name in kv_offload.ALLOCATOR_ENV_VARS:
+        monkeypatch.delenv(name, raising=False)
+    assert kv_offload.prefer_parallel_pinning()
+    assert settings == ["pinned_use_cuda_host_register:True,pinned_num_register_threads:8"]
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")      # not about pinning
+    assert kv_offload.prefer_parallel_pinning() and len(settings) == 2
+    for name in kv_offload.ALLOCATOR_ENV_VARS:
+        monkeypatch.setenv(name, "pinned_use_cuda_host_register:False")
+        assert not kv_offload.prefer_parallel_pinning() and len(settings) == 2
+        monkeypatch.delenv(name)
+
+    def refuse(_):
+        raise RuntimeError("Unrecognized key 'pinned_use_cuda_host_register' in CUDA allocator config.")
+    monkeypatch.setattr(torch.cuda.memory, "_set_allocator_settings", refuse)
+    assert not kv_offload.prefer_parallel_pinning()
+
+
+def test_only_a_bank_that_pins_host_memory_switches_the_pinned_allocator(monkeypatch):
+    from liveavatar_backend import kv_offload
+    from liveavatar_backend.kv_cache import CacheLayout
+
+    class Stop(Exception):
+        pass
+
+    def first_chunks(count, tokens, num_heads, head_dim, dtype, pin):
+        calls.append(pin)
+        raise Stop                            # the switch comes before any host memory
+    calls = []
+    monkeypatch.setattr(kv_offload, "prefer_parallel_pinning", lambda: calls.append("switch"))
+    monkeypatch.setattr(kv_offload, "host_chunks", first_chunks)
+    for device, expected in (("cpu", [False]), ("cuda", ["switch", True])):
+        calls.clear()
+        with pytest.raises(Stop):
+            kv_offload.OffloadedKVCacheBank(CacheLayout(4, 8), range(2), 2, 2, 32, torch.float32, device)
+        assert calls == expected
+
+
 @pytest.mark.parametrize("short_of", ["gpu", "host"])
 def test_a_run_whose_caches_do_not_fit_fails_before_sampling_and_the_model_stays_usable(tiny_engine, monkeypatch,
                                                                                        short_of):
