@@ -28,7 +28,7 @@ from .kv_cache import CacheLayout, KVCacheBank, StepCache, cache_tensor, token_m
 PINNED_SLAB_BYTES = 1 << 32
 
 
-# PyTorch's pinned allocator pins each block with one cudaHostAlloc call by default, ≈ 2.5 GB/s:
+# PyTorch's pinned allocator pins each block with one cudaHostAlloc call by default, ≈ 2 GB/s:
 # 13 GB of caches at 384*256, 3 steps took 5.2-7.0 s before the first block. With these settings
 # (PyTorch's CUDA allocator options) it mallocs, touches the pages from 8 threads (the count
 # PyTorch's allocator code names as its benchmarked best) and registers them: 2.3 s for the same
