@@ -1,7 +1,7 @@
 """Self-attention's q, k and v projections as three GEMMs or as one over the stacked weight.
 
 The three 5120×5120 projections of a layer read the same input; one GEMM with N = 3 × 5120 runs
-more tiles per launch and fills the last wave better. This times both in bf16 and in FP8 (three
+more tiles per launch, which may fill the GPU's last wave of tiles better. This times both in bf16 and in FP8 (three
 per-tensor `_scaled_mm` calls against one call with row-wise scales that reproduce the three
 per-tensor weight scales exactly, and one call with a single shared weight scale), at the query
 token counts of 384*256 and 704*384.
@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import cuda_time_ms, write_rows                                   # noqa: E402
-from liveavatar_backend.fp8 import FP8_DTYPE, quantize_per_tensor  # noqa: E402
+from liveavatar_backend.fp8 import quantize_per_tensor                        # noqa: E402
 
 DIM = 5120                      # Wan2.2-S2V-14B hidden size (spec §2)
 TOKENS = {"384*256": 1152, "704*384": 3168}     # query tokens of one 3-latent-frame block
@@ -84,8 +84,8 @@ def main() -> None:
         for name, fn in variants.items():
             with torch.no_grad():
                 ms = cuda_time_ms(fn, warmup=10, repeat=args.repeat)
-            rows.append({"device": device, "date": datetime.date.today().isoformat(), "size": size, "tokens": tokens, "variant": name, "ms": ms,
-                         "rel_error_vs_3_gemms": errors.get(name)})
+            rows.append({"device": device, "date": datetime.date.today().isoformat(), "size": size,
+                         "tokens": tokens, "variant": name, "ms": ms, "rel_error_vs_3_gemms": errors.get(name)})
             print(rows[-1], flush=True)
     slug = device.replace(" ", "-")
     write_rows(Path(args.out) / f"fused-qkv-{slug}-{datetime.date.today()}.json", rows)
