@@ -1,8 +1,8 @@
 """Self-attention's q, k and v projections as three GEMMs or as one over the stacked weight.
 
 The three 5120×5120 projections of a layer read the same input; one GEMM with N = 3 × 5120 runs
-more tiles per launch, which may fill the GPU's last wave of tiles better. This times both in bf16 and in FP8 (three
-per-tensor `_scaled_mm` calls against one call with row-wise scales that reproduce the three
+more tiles per launch, which may fill the GPU's last wave of tiles better. This times both in bf16
+and in FP8 (three per-tensor `_scaled_mm` calls against one call with row-wise scales that reproduce the three
 per-tensor weight scales exactly, and one call with a single shared weight scale), at the query
 token counts of 384*256 and 704*384.
 
