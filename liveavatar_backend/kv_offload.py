@@ -140,13 +140,14 @@ class OffloadedKVCacheBank(KVCacheBank):
             self.ready[slot] = self.copy_stream.record_event()
 
     def staged(self, layer: int, view: "OffloadedStepCache"):
-        """GPU buffers holding `layer` for `view`'s step; prefetches the next layer into the other slot."""
+        """GPU buffers holding `layer` for `view`'s step; prefetches the next layer into the other slot,
+        whose last user (the previous layer) has been queued already, so the copy overlaps this layer."""
         slot = layer % 2
         if self.loaded.get(slot) != (layer, view.step):
-            self._schedule(slot, layer, view)
-            nxt = layer + 1
-            if nxt in self.layers:
-                self._schedule(nxt % 2, nxt, view)
+            self._schedule(slot, layer, view)           # only the first layer of a pass waits for its copy
+        nxt = layer + 1
+        if nxt in self.layers and self.loaded.get(nxt % 2) != (nxt, view.step):
+            self._schedule(nxt % 2, nxt, view)
         if slot in self.ready:
             torch.cuda.current_stream(self.device).wait_event(self.ready.pop(slot))
         return self.staging[slot]

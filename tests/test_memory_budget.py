@@ -189,6 +189,28 @@ def test_low_vram_hands_its_pinned_memory_back_when_released(tiny_engine, monkey
     assert emptied == [True] and bank.host_ring == {} and bank.host_cond == {}
 
 
+def test_low_vram_prefetches_every_layer_while_the_one_before_computes(tiny_engine):
+    """Each layer's cache copy is queued when the layer before it asks for its own buffers (so the copy
+    runs beside that layer's attention); only the first layer of each pass waits for its copy."""
+    from liveavatar_backend.kv_offload import OffloadedKVCacheBank
+    portrait, voice = torch.rand(400, 720, 3), torch.randn(16000 * 2) * 0.1
+    job = tiny_engine.prepare(portrait, voice, "a person", size="256*192", num_clips=1, steps=2, seed=7)
+    cfg = tiny_engine.dit.cfg
+    layers = 6
+    bank = OffloadedKVCacheBank(job.plan.layout, range(layers), 2, cfg.num_heads, cfg.head_dim, torch.float32, "cpu")
+    copies, computing = [], [None]
+    fill = bank._fill
+    bank._fill = lambda slot, layer, view: (copies.append((computing[0], layer, view.step)), fill(slot, layer, view))
+    for step in (0, 1):
+        for layer in range(layers):
+            computing[0] = layer
+            bank.staged(layer, bank.step_views[step])
+            bank.staged(layer, bank.step_views[step])        # asked twice in a layer: copied once
+    assert copies == [(0, 0, 0)] + [(l - 1, l, 0) for l in range(1, layers)] + \
+                     [(0, 0, 1)] + [(l - 1, l, 1) for l in range(1, layers)]
+    bank.release()
+
+
 def test_low_vram_asks_for_parallel_pinning_unless_the_user_configured_pinning(monkeypatch):
     """PyTorch's pinned allocator is switched to malloc + page touching on 8 threads + register
     (3x faster setup, PERFORMANCE.md 2026-12-07), but a pinned_ option in the user's allocator
