@@ -135,16 +135,12 @@ class LiveAvatarEngine:
             if on_gpu:
                 torch.cuda.empty_cache()      # the bf16 groups' memory, for the caches and the decoder
         report("loading text encoder, VAE and audio encoder")
-        # umT5-XXL (11 GB in bf16) lives in host memory and visits the GPU only to encode a prompt
-        # (spec §4.3: the official single-GPU default offloads it too); low_vram encodes on the CPU.
-        encoder_device = device if on_gpu and not mode.offload_caches else "cpu"
-        text = TextEncoder.load(spec.text_encoder, spec.tokenizer, "cpu", dtype)
-        if on_gpu and not mode.offload_caches:
-            for tensor in _weights_of(text.model):      # page-locked: the per-prompt copy runs at full bus speed
-                tensor.data = tensor.data.pin_memory()
-        vae = WanVAE.load(spec.vae, device, dtype)
-        vae.autotune_convs = on_gpu and not mode.offload_caches     # low_vram: no trial workspaces under its cap
-        audio = AudioFeatureExtractor.load(spec.audio_encoder, encoder_device, torch.float32)
+        try:
+            text, vae, audio = _load_encoders_and_vae(spec, mode, device, dtype)
+        except BaseException:
+            if workers is not None:           # the DiT's ranks hold their layers: they end with the load
+                workers.close()
+            raise
         compile_ok, why_not = block_ops.compile_supported() if on_gpu else (False, "")
         if on_gpu and not compile_ok:
             report(f"torch.compile is off ({why_not}): eager PyTorch, ≈1.5x slower (README, Troubleshooting)")
@@ -251,6 +247,22 @@ class LiveAvatarEngine:
                                fp8_attention=self.mode.fp8_attention)
         for clip in sampler.clips(on_progress=on_progress, should_stop=should_stop):
             yield clip.cpu()
+
+
+def _load_encoders_and_vae(spec: ModelSpec, mode, device: str, dtype: torch.dtype):
+    """(umT5, Wan VAE, wav2vec2). umT5-XXL (11 GB in bf16) lives in host memory and visits the GPU only
+    to encode a prompt (spec §4.3: the official single-GPU default offloads it too); low_vram encodes
+    on the CPU."""
+    on_gpu = torch.device(device).type == "cuda"
+    encoder_device = device if on_gpu and not mode.offload_caches else "cpu"
+    text = TextEncoder.load(spec.text_encoder, spec.tokenizer, "cpu", dtype)
+    if on_gpu and not mode.offload_caches:
+        for tensor in _weights_of(text.model):      # page-locked: the per-prompt copy runs at full bus speed
+            tensor.data = tensor.data.pin_memory()
+    vae = WanVAE.load(spec.vae, device, dtype)
+    vae.autotune_convs = on_gpu and not mode.offload_caches     # low_vram: no trial workspaces under its cap
+    audio = AudioFeatureExtractor.load(spec.audio_encoder, encoder_device, torch.float32)
+    return text, vae, audio
 
 
 def _check_fp8_attention(sharded: bool, device: torch.device) -> None:

@@ -183,6 +183,20 @@ def test_a_lora_that_does_not_match_fails_loudly_and_leaves_no_worker(spec, tmp_
     assert _all_workers() <= before
 
 
+def test_a_bad_vae_read_after_the_dit_ends_the_workers_with_the_load(spec, tmp_path):
+    """The ranks load the DiT first; a component that fails after them must not leave them running
+    (on GPUs each holds its share of the DiT) while the exception is still referenced."""
+    import dataclasses
+
+    from liveavatar_backend.engine import LiveAvatarEngine
+    bad = tmp_path / "Wan2.1_VAE.pth"
+    bad.write_bytes(b"not a checkpoint")
+    before = _all_workers()
+    with pytest.raises(CheckpointError, match="Wan2.1_VAE.pth") as failure:
+        LiveAvatarEngine.load(dataclasses.replace(spec, vae=bad), device="cpu,cpu")
+    assert failure.value.__traceback__ is not None and _all_workers() <= before
+
+
 def test_workers_started_by_torchrun_give_the_same_latents(spec, reference, monkeypatch):
     """The multi-host path: torchrun starts the ranks (env:// rendezvous), the controller waits for them."""
     import secrets
