@@ -5,7 +5,8 @@
 
 Long renders: when the latents of the whole run would exceed IN_MEMORY_LIMIT_BYTES, `samples` is a
 file-backed tensor in ComfyUI's temp folder, so the OS pages it out instead of holding hours of
-latents in RAM.
+latents in RAM. The file is unlinked as soon as it is mapped: its space goes back when the tensor does
+(on Windows, which keeps open files, ComfyUI's temp folder is emptied when ComfyUI exits).
 """
 from __future__ import annotations
 
@@ -30,6 +31,11 @@ def audio_to_16k_mono(audio: dict) -> torch.Tensor:
     if not isinstance(audio, dict) or "waveform" not in audio or "sample_rate" not in audio:
         raise ValueError("audio: expected a core AUDIO input (from Load Audio or LiveAvatar Load Audio 16k)")
     waveform = audio["waveform"]
+    if not isinstance(waveform, torch.Tensor) or waveform.dim() != 3 or waveform.numel() == 0:
+        shape = tuple(waveform.shape) if isinstance(waveform, torch.Tensor) else type(waveform).__name__
+        raise ValueError(f"audio: the waveform is {shape}; expected [batch, channels, samples] with at least "
+                         "one channel and sample (load a voice recording with Load Audio or LiveAvatar "
+                         "Load Audio 16k)")
     return to_16k_mono(waveform[0].float().mean(dim=0), int(audio["sample_rate"]))
 
 
@@ -56,6 +62,10 @@ class ClipLatents:
             path = os.path.join(folder_paths.get_temp_directory(), f"liveavatar_latents_{uuid.uuid4().hex}.bin")
             os.makedirs(os.path.dirname(path), exist_ok=True)
             self.samples = torch.from_file(path, shared=True, size=numel, dtype=torch.float32).view(shape)
+            try:
+                os.unlink(path)          # the mapping stays valid; nothing is left behind, even on an interrupt
+            except OSError:
+                pass
         else:
             self.samples = torch.zeros(shape)
         self.job = job
@@ -75,12 +85,17 @@ class ClipLatents:
                                "warm_up": self.job.decoder_warm_up.cpu()}}
 
 
-def clips_of(latent: dict):
-    """Yields each clip [16, 12, h, w] of a LiveAvatar LATENT, checking it came from the sampler."""
+def clip_info(latent: dict) -> dict:
+    """The clip information the sampler puts in its LATENT; a clear error for any other LATENT."""
     info = latent.get("liveavatar") if isinstance(latent, dict) else None
     if info is None:
         raise ValueError("clips: this LATENT does not come from LiveAvatarSampler (it lacks the clip "
                          "information); connect the sampler's 'clips' output")
+    return info
+
+
+def clips_of(latent: dict):
+    """Each clip [16, 12, h, w] of a LiveAvatar LATENT, in order (checked before the first is asked for)."""
     samples = latent["samples"][0]
-    for clip in range(info["num_clips"]):
-        yield samples[:, C.LATENTS_PER_CLIP * clip: C.LATENTS_PER_CLIP * (clip + 1)]
+    return (samples[:, C.LATENTS_PER_CLIP * clip: C.LATENTS_PER_CLIP * (clip + 1)]
+            for clip in range(clip_info(latent)["num_clips"]))

@@ -13,7 +13,7 @@ import comfy.utils
 import folder_paths
 
 from ..liveavatar_backend.video import Mp4Writer
-from .clips import clips_of
+from .clips import clip_info, clips_of
 from .loader import LiveAvatarModel
 from .upscale import METHODS, even, resize_frames
 
@@ -47,8 +47,8 @@ class LiveAvatarVAEDecodeClips(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clips) -> io.NodeOutput:
-        info = clips.get("liveavatar", {}) if isinstance(clips, dict) else {}
-        decoder = model.decoder(info.get("warm_up")) if info else None
+        info = clip_info(clips)
+        decoder = model.engine().decoder(info["warm_up"])
         frames = None
         written = 0
         bar = comfy.utils.ProgressBar(max(1, info.get("num_clips", 1)))
@@ -87,19 +87,18 @@ class LiveAvatarSaveVideo(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clips, filename_prefix, scale, method, crf) -> io.NodeOutput:
-        info = clips.get("liveavatar") if isinstance(clips, dict) else None
-        clip_iter = clips_of(clips)                       # validates the input before anything is written
+        info = clip_info(clips)                           # checked before anything is written
         height, width = even(info["height"] * scale), even(info["width"] * scale)
         folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(
             filename_prefix, folder_paths.get_output_directory(), width, height)
         filename = f"{name}_{counter:05}_.mp4"
         path = os.path.join(folder, filename)
         audio = info["audio"]
-        decoder = model.decoder(info["warm_up"])
+        decoder = model.engine().decoder(info["warm_up"])
         bar = comfy.utils.ProgressBar(info["num_clips"])
         with Mp4Writer(path, width, height, fps=info["fps"],
                        audio=(audio["waveform"][0, 0], audio["sample_rate"]), crf=crf) as writer:
-            for index, frames in enumerate(decoded_clips(decoder, clip_iter)):
+            for index, frames in enumerate(decoded_clips(decoder, clips_of(clips))):
                 if frames.shape[1:3] != (height, width):
                     frames = resize_frames(frames, height, width, method)
                 writer.write(frames)

@@ -111,7 +111,7 @@ class LiveAvatarLoadAudio16k(io.ComfyNode):
         return _file_hash(audio)
 
     @classmethod
-    def validate_inputs(cls, audio, **_):
+    def validate_inputs(cls, audio):      # no **kwargs: ComfyUI then range-checks the other inputs
         if not folder_paths.exists_annotated_filepath(audio):
             return f"audio: {audio!r} is not in the input folder; upload it or pick another file"
         return True

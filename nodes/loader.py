@@ -1,8 +1,10 @@
 """LiveAvatarModelLoader: every model file of Live Avatar, loaded once and reused across prompts."""
 from __future__ import annotations
 
+import functools
 import gc
 import logging
+from typing import Callable
 
 import torch
 from comfy_api.latest import io
@@ -17,16 +19,71 @@ from . import paths
 log = logging.getLogger("liveavatar")
 LiveAvatarModel = io.Custom("LIVEAVATAR_MODEL")
 
-_loaded: dict = {"key": None, "engine": None}   # one model set at a time; 14B does not fit twice
+class LoadedModel:
+    """What a LIVEAVATAR_MODEL carries: the engine, which ComfyUI may unload ("Unload Models", "Free
+    model and node cache", an out-of-memory error, --disable-smart-memory) and which loads itself
+    again, from the same files, the next time a node uses it."""
 
+    def __init__(self, key: tuple, load: Callable[[], LiveAvatarEngine]):
+        self.key = key
+        self._load = load
+        self._engine: LiveAvatarEngine | None = None
 
-def _unload() -> None:
-    engine = _loaded["engine"]
-    if engine is not None:
+    @property
+    def loaded(self) -> bool:
+        return self._engine is not None
+
+    def engine(self) -> LiveAvatarEngine:
+        if self._engine is None:
+            self._engine = self._load()
+        return self._engine
+
+    def unload(self) -> None:
+        engine, self._engine = self._engine, None
+        if engine is None:
+            return
         engine.close()                              # ends the pipeline workers of a sharded model
-    _loaded["key"] = _loaded["engine"] = None
-    gc.collect()
-    mm.soft_empty_cache()
+        del engine
+        gc.collect()
+        mm.soft_empty_cache()
+        log.info("Live Avatar model unloaded; it loads again when a node next uses it")
+
+
+_current: LoadedModel | None = None                  # one model set at a time; 14B does not fit twice
+
+
+def current_model(key: tuple, load: Callable[[], LiveAvatarEngine]) -> LoadedModel:
+    """The model set for `key`: the one kept if the key matches, else a new one (the old one unloaded)."""
+    global _current
+    if _current is None or _current.key != key:
+        unload_current()
+        _current = LoadedModel(key, load)
+    return _current
+
+
+def unload_current() -> None:
+    if _current is not None:
+        _current.unload()
+
+
+def follow_comfyui_unloads() -> None:
+    """Make ComfyUI's `unload_all_models` unload this pack's model too. Its model management does not
+    know the engine (it is not one of ComfyUI's model patchers), so without this the buttons that
+    free VRAM would leave 17-33 GB on the GPU. Installed once, at import."""
+    original = mm.unload_all_models
+    if getattr(original, "unloads_liveavatar", False):
+        return
+
+    @functools.wraps(original)
+    def unload_all_models(*args, **kwargs):
+        unload_current()
+        return original(*args, **kwargs)
+
+    unload_all_models.unloads_liveavatar = True
+    mm.unload_all_models = unload_all_models
+
+
+follow_comfyui_unloads()
 
 
 def make_room(device: str | torch.device, required_bytes: float) -> None:
@@ -92,9 +149,10 @@ class LiveAvatarModelLoader(io.ComfyNode):
     @classmethod
     def execute(cls, checkpoint, lora, memory_mode, devices, text_encoder, vae, audio_encoder) -> io.NodeOutput:
         key = (checkpoint, lora, memory_mode, devices, text_encoder, vae, audio_encoder)
-        if _loaded["key"] == key:
-            return io.NodeOutput(_loaded["engine"])
-        _unload()
+        if _current is not None and _current.key == key:
+            _current.engine()                   # loads again if ComfyUI unloaded it
+            return io.NodeOutput(_current)
+        unload_current()                        # before reading any file: the old model's memory goes first
         folder = paths.resolve_checkpoint(checkpoint)
         overrides = {name: p for name, p in (
             ("text_encoder", paths.resolve_component("text_encoders", text_encoder)),
@@ -109,10 +167,14 @@ class LiveAvatarModelLoader(io.ComfyNode):
                                  "the matching files (umt5_xxl, wan_2.1_vae, wav2vec2_large_english) explicitly")
             spec = ModelSpec.single_files(folder, lora=paths.resolve_lora(lora), **overrides)
         device = _devices(devices)
-        names = parse_devices(device)
-        if not external_world(names):        # 17-33 GB of weights, then the caches: all of ComfyUI's models go
-            for name in names:
-                make_room(name, float("inf"))
-        engine = LiveAvatarEngine.load(spec, device=device, memory_mode=memory_mode, report=log.info)
-        _loaded["key"], _loaded["engine"] = key, engine
-        return io.NodeOutput(engine)
+
+        def load() -> LiveAvatarEngine:
+            names = parse_devices(device)
+            if not external_world(names):    # 17-33 GB of weights, then the caches: all of ComfyUI's models go
+                for name in names:
+                    make_room(name, float("inf"))
+            return LiveAvatarEngine.load(spec, device=device, memory_mode=memory_mode, report=log.info)
+
+        model = current_model(key, load)
+        model.engine()                          # load now, so that a bad file fails at this node
+        return io.NodeOutput(model)

@@ -63,8 +63,11 @@ def resolve_checkpoint(name: str) -> Path:
 
 
 def lora_choices() -> list[str]:
-    return [NO_LORA] + sorted(set(folder_paths.get_filename_list(LIVEAVATAR_FOLDER)) |
-                              set(folder_paths.get_filename_list("loras")))
+    """LoRA files of models/liveavatar and models/loras, without the checkpoint folders' own weights."""
+    inside_checkpoints = tuple(f"{folder}/" for folder in checkpoint_folders() if folder != ".")
+    ours = {name for name in folder_paths.get_filename_list(LIVEAVATAR_FOLDER)
+            if not name.replace(os.sep, "/").startswith(inside_checkpoints)}
+    return [NO_LORA] + sorted(ours | set(folder_paths.get_filename_list("loras")))
 
 
 def resolve_lora(name: str) -> Path | None:

@@ -40,7 +40,8 @@ class LiveAvatarSampler(io.ComfyNode):
                 io.String.Input("custom_size", default="512*512",
                                 tooltip="Used when size is 'custom': W*H, WxH or W×H (e.g. 640*448)."),
                 io.Int.Input("num_clips", default=0, min=0, max=1_000_000,
-                             tooltip="Number of 48-frame clips (1.92 s each). 0 = as many as the audio needs."),
+                             tooltip="Number of 48-frame clips (1.92 s each). 0 = as many as the audio needs; "
+                                     "a larger number is capped to that (the video follows the voice)."),
                 io.Int.Input("steps", default=4, min=2, max=4,
                              tooltip="Denoising steps per block: 4 is what the LoRA was distilled for; "
                                      "3 and 2 are faster previews."),
@@ -56,8 +57,9 @@ class LiveAvatarSampler(io.ComfyNode):
         voice = audio_to_16k_mono(audio)
         # the prompt's umT5 copy (11 GB), the portrait's encode, then the caches (tens of GB):
         # ComfyUI's own models leave this GPU first, as they may have come back since loading
-        make_room(model.device, float("inf"))
-        job = model.prepare(portrait[0], voice, prompt, size=area, num_clips=num_clips, steps=steps, seed=seed)
+        engine = model.engine()                 # loads again if ComfyUI unloaded it since the loader ran
+        make_room(engine.device, float("inf"))
+        job = engine.prepare(portrait[0], voice, prompt, size=area, num_clips=num_clips, steps=steps, seed=seed)
         bar = comfy.utils.ProgressBar(job.plan.total_block_steps)
 
         def on_progress(event):
@@ -71,7 +73,7 @@ class LiveAvatarSampler(io.ComfyNode):
         # on_progress raises ComfyUI's own InterruptProcessingException, so the prompt ends as
         # "interrupted" (not as an error); the sampler drops its caches on the way out
         try:
-            for clip in model.sample(job, on_progress=on_progress):
+            for clip in engine.sample(job, on_progress=on_progress):
                 store.append(clip)
         finally:
             mm.soft_empty_cache()

@@ -27,9 +27,15 @@ def output_size(height: int, width: int, mode: str, factor: float, target_w: int
 
 
 def resize_frames(frames: torch.Tensor, height: int, width: int, method: str, upscale_model=None) -> torch.Tensor:
-    """IMAGE chunk [N, H, W, 3] -> [N, height, width, 3] in [0, 1]."""
+    """IMAGE chunk [N, H, W, C] -> [N, height, width, C] in [0, 1]. An upscale model sees RGB only;
+    an alpha channel is resized beside it with `method`."""
     if upscale_model is not None:
-        frames = ImageUpscaleWithModel.execute(upscale_model, frames).args[0]
+        rgb = ImageUpscaleWithModel.execute(upscale_model, frames[..., :3]).args[0]
+        if frames.shape[-1] > 3:
+            alpha = frames[..., 3:].to(rgb.device).movedim(-1, 1)
+            alpha = comfy.utils.common_upscale(alpha, rgb.shape[2], rgb.shape[1], method, "disabled").movedim(1, -1)
+            rgb = torch.cat([rgb, alpha.to(rgb.dtype)], dim=-1)
+        frames = rgb
     if frames.shape[1:3] != (height, width):
         frames = comfy.utils.common_upscale(frames.movedim(-1, 1), width, height, method, "disabled").movedim(1, -1)
     return frames.clamp(0, 1)
@@ -65,7 +71,7 @@ class LiveAvatarUpscaleVideo(io.ComfyNode):
     @classmethod
     def execute(cls, images, mode, factor, width, height, method, chunk_size, upscale_model=None) -> io.NodeOutput:
         out_h, out_w = output_size(images.shape[1], images.shape[2], mode, factor, width, height)
-        out = torch.empty(images.shape[0], out_h, out_w, 3, dtype=images.dtype)
+        out = torch.empty(images.shape[0], out_h, out_w, images.shape[-1], dtype=images.dtype)
         bar = comfy.utils.ProgressBar(images.shape[0])
         for start in range(0, images.shape[0], chunk_size):
             mm.throw_exception_if_processing_interrupted()

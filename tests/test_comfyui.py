@@ -33,7 +33,11 @@ def test_pack_imports_and_every_node_is_listed(comfy):
         required = info[node]["input"].get("required", {})
         optional = info[node]["input"].get("optional", {})
         assert all(spec[1].get("tooltip") for spec in {**required, **optional}.values()), node
-    assert "Wan2.2-S2V-14B" in info["LiveAvatarModelLoader"]["input"]["required"]["checkpoint"][1]["options"]
+    loader = info["LiveAvatarModelLoader"]["input"]["required"]
+    assert "Wan2.2-S2V-14B" in loader["checkpoint"][1]["options"]
+    loras = loader["lora"][1]["options"]
+    assert "liveavatar.safetensors" in loras          # but not the checkpoint folder's own weights:
+    assert not [name for name in loras if name.startswith("Wan2.2-S2V-14B/")]
 
 
 def test_workflows_are_listed_as_templates(comfy):
@@ -119,6 +123,15 @@ def test_a_model_split_over_two_devices_renders_the_same_video_and_ends_with_the
     assert len(_pipeline_workers()) == 2                          # the loaded model's two ranks
     assert videos["auto"].shape == videos["cpu,cpu"].shape
     assert abs(videos["auto"].astype(int) - videos["cpu,cpu"].astype(int)).max() <= 1
+    client.post("/free", {"unload_models": True})                  # the menu's "Unload Models"
+    deadline = time.time() + 60
+    while _pipeline_workers() and time.time() < deadline:
+        time.sleep(0.5)
+    assert not _pipeline_workers()
+    workflow["4"]["inputs"]["seed"] = 12                          # the cached loader output, used again
+    entry = run(client, workflow)
+    assert client.error_of(entry) is None, client.error_of(entry)
+    assert len(_pipeline_workers()) == 2                          # loaded again
     workflow = api("fast_check")
     workflow["1"]["inputs"]["devices"] = "cuda:0,cuda:0"
     error = client.error_of(run(client, workflow))

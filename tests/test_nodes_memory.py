@@ -1,8 +1,10 @@
 """The nodes with ComfyUI's own model management, in this process (CPU): ComfyUI does not count the
 pack's memory, so before loading and before sampling the pack asks ComfyUI to move its own models
 out of the way."""
+import gc
 import importlib.util
 import sys
+import weakref
 
 import pytest
 import torch
@@ -55,12 +57,82 @@ def test_make_room_unloads_comfyuis_models_only_as_far_as_needed(pack):
 
 
 def test_the_sampler_makes_room_then_samples(pack, tiny_engine):
+    from liveavatar_pack.nodes.loader import LoadedModel
     from liveavatar_pack.nodes.sampler import LiveAvatarSampler
     model, loaded = load_a_comfyui_model()
     assert len(loaded) == 1
     voice = {"waveform": torch.randn(1, 1, 16000 * 2) * 0.1, "sample_rate": 16000}
-    output = LiveAvatarSampler.execute(tiny_engine, torch.rand(1, 400, 720, 3), voice, "a person", "custom",
+    output = LiveAvatarSampler.execute(LoadedModel(("tiny",), lambda: tiny_engine), torch.rand(1, 400, 720, 3), voice, "a person", "custom",
                                        "256*192", 1, 2, 7)
     assert loaded == [] and model.model is not None   # ComfyUI's model left before the prompt was encoded
     latent = output.result[0]
     assert latent["samples"].shape[:3] == (1, 16, 12)
+
+
+def test_comfyuis_unload_models_frees_the_model_and_the_next_node_loads_it_again(pack, tiny_models):
+    import comfy.model_management as mm
+    from liveavatar_pack.liveavatar_backend.engine import LiveAvatarEngine, ModelSpec
+    from liveavatar_pack.nodes import loader
+    from liveavatar_pack.nodes.sampler import LiveAvatarSampler
+    engines = []
+
+    def load():
+        spec = ModelSpec.from_folder(tiny_models / "Wan2.2-S2V-14B", lora=tiny_models / "liveavatar.safetensors")
+        engine = LiveAvatarEngine.load(spec, device="cpu")
+        engines.append(weakref.ref(engine))
+        return engine
+
+    model = loader.current_model(("tiny", "unload test"), load)
+    assert model.engine() is model.engine() and len(engines) == 1
+    mm.unload_all_models()                  # what ComfyUI's "Unload Models" and its OOM handler run
+    gc.collect()
+    assert not model.loaded and engines[0]() is None          # no reference left: its memory is free
+    voice = {"waveform": torch.randn(1, 1, 16000 * 2) * 0.1, "sample_rate": 16000}
+    output = LiveAvatarSampler.execute(model, torch.rand(1, 400, 720, 3), voice, "a person", "custom",
+                                       "256*192", 1, 2, 7)       # the cached model output, used again
+    assert len(engines) == 2 and output.result[0]["samples"].shape[:3] == (1, 16, 12)
+    assert loader.current_model(("tiny", "unload test"), load) is model     # same settings: kept
+    loader.current_model(("another",), load)                   # new settings: the old model goes
+    assert not model.loaded
+
+
+def test_long_render_latents_live_in_an_unlinked_file(pack, tiny_engine, tmp_path, monkeypatch):
+    """Past IN_MEMORY_LIMIT_BYTES the LATENT is a file-backed tensor; its file is unlinked once mapped,
+    so no render leaves gigabytes in ComfyUI's temp folder, and the values are those kept in RAM."""
+    import folder_paths
+    from liveavatar_pack.nodes import clips
+    from liveavatar_pack.nodes.loader import LoadedModel
+    from liveavatar_pack.nodes.sampler import LiveAvatarSampler
+    model = LoadedModel(("tiny",), lambda: tiny_engine)
+    voice = {"waveform": torch.randn(1, 1, 16000 * 2) * 0.1, "sample_rate": 16000}
+    args = (torch.rand(1, 400, 720, 3), voice, "a person", "custom", "256*192", 1, 2, 7)
+    in_ram = LiveAvatarSampler.execute(model, *args).result[0]["samples"]
+    monkeypatch.setattr(folder_paths, "get_temp_directory", lambda: str(tmp_path))
+    monkeypatch.setattr(clips, "IN_MEMORY_LIMIT_BYTES", 0)
+    in_file = LiveAvatarSampler.execute(model, *args).result[0]["samples"]
+    assert list(tmp_path.iterdir()) == []
+    assert in_file.untyped_storage().filename is not None and torch.equal(in_file, in_ram)
+
+
+def test_foreign_latents_and_empty_audio_fail_naming_the_input(pack):
+    from liveavatar_pack.nodes.clips import audio_to_16k_mono
+    from liveavatar_pack.nodes.decode import LiveAvatarSaveVideo, LiveAvatarVAEDecodeClips
+    from liveavatar_pack.nodes.loader import LoadedModel
+    model = LoadedModel(("never loaded",), lambda: pytest.fail("the input is checked before the model is used"))
+    core_latent = {"samples": torch.zeros(1, 16, 1, 8, 8)}           # e.g. from core's Empty Latent
+    with pytest.raises(ValueError, match="clips: this LATENT does not come from LiveAvatarSampler"):
+        LiveAvatarSaveVideo.execute(model, core_latent, "video/test", 1.0, "bicubic", 19)
+    with pytest.raises(ValueError, match="clips: this LATENT does not come from LiveAvatarSampler"):
+        LiveAvatarVAEDecodeClips.execute(model, core_latent)
+    for waveform in (torch.zeros(1, 2, 0), torch.zeros(1, 0, 100), torch.zeros(2, 100)):
+        with pytest.raises(ValueError, match=r"audio: the waveform is \("):
+            audio_to_16k_mono({"waveform": waveform, "sample_rate": 44100})
+
+
+def test_upscale_keeps_an_alpha_channel(pack):
+    from liveavatar_pack.nodes.upscale import LiveAvatarUpscaleVideo
+    frames = torch.rand(3, 16, 16, 4)
+    frames[..., 3] = 0.25
+    out = LiveAvatarUpscaleVideo.execute(frames, "factor", 2.0, 0, 0, "bilinear", 2).result[0]
+    assert out.shape == (3, 32, 32, 4)
+    assert torch.allclose(out[..., 3], torch.full((3, 32, 32), 0.25))
