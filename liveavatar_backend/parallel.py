@@ -41,6 +41,7 @@ log = logging.getLogger("liveavatar")
 MAX_DEVICES = 8                    # issue 5: N = 1…8 devices of one host
 POLL_SECONDS = 0.1                 # how often a waiting controller checks for stop requests
 QUIT_GRACE_SECONDS = 10.0          # a worker asked to quit gets this long before it is killed
+DRAIN_SECONDS = 120.0              # an abandoned job gets this long to stop (a tick is < 1 s on GPUs)
 LOG_TAIL_CHARS = 2000              # of a failed worker's output, quoted in the error
 WORKER_CPU_THREADS = 4             # at most this many CPU threads per worker (see start())
 EXTERNAL_PREFIX = "external:"      # 'external:N': N workers started by torchrun connect to us
@@ -329,20 +330,36 @@ class PipelineWorkers:
                             raise GenerationInterrupted("generation stopped on every device")
                         self.last_reports = [reports[r] for r in sorted(reports)]
                         return
-        except GeneratorExit:
-            # the caller stopped reading: stop the workers so the next job starts clean
-            self._stop_and_drain(job_id, finished)
+        except BaseException:
+            # the caller stopped reading (GeneratorExit) or its callback raised (ComfyUI's interrupt
+            # comes from on_progress): the workers must leave this job before the next one starts
+            self._abandon(job_id, finished, audio_features)
             raise
 
-    def _stop_and_drain(self, job_id: int, finished: set[int]) -> None:
+    def _abandon(self, job_id: int, finished: set[int], audio_features) -> None:
+        """Stop the workers' job and read their messages up to its end, answering rank 0's audio
+        requests meanwhile (it may be waiting for one). Workers that cannot be stopped so within
+        DRAIN_SECONDS, or a failure while draining, end them: the next job starts fresh ones."""
         if not self.running or len(finished) == len(self.workers):
             return
-        send_message(self.workers[0].conn, ("stop", job_id))
-        for message in self._messages():
-            if message[0] in ("done", "stopped"):
-                finished.add(message[1])
-                if len(finished) == len(self.workers):
-                    return
+        rank0 = self.workers[0].conn
+        deadline = time.monotonic() + DRAIN_SECONDS
+        try:
+            send_message(rank0, ("stop", job_id))
+            for message in self._messages():
+                if message[0] == "audio":
+                    clip = message[2]
+                    features = audio_features(C.FRAMES_PER_CLIP * clip, C.FRAMES_PER_CLIP).float().cpu()
+                    send_message(rank0, ("audio", job_id, clip, features))
+                elif message[0] in ("done", "stopped"):
+                    finished.add(message[1])
+                    if len(finished) == len(self.workers):
+                        return
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the workers did not stop within {DRAIN_SECONDS} s")
+        except BaseException as error:          # the caller's own exception is the one to report
+            log.warning("ending the pipeline workers: %s", error)
+            self.close()
 
 
 def external_world(devices: list[str]) -> int:

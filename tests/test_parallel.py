@@ -151,6 +151,51 @@ def test_stop_ends_every_worker_within_a_step_and_the_next_job_runs(sharded, ref
     assert all(torch.equal(a, b) for a, b in zip(_clips(sharded), reference))
 
 
+def test_an_error_raised_by_the_progress_callback_ends_the_job_on_every_worker(sharded, reference):
+    """ComfyUI interrupts from on_progress (throw_exception_if_processing_interrupted): the workers
+    must leave that job, or the next one reads its blocks or waits for its audio forever."""
+    class Cancelled(Exception):
+        pass
+
+    def cancel(event):
+        if event.latents is not None:
+            raise Cancelled("the user pressed cancel")
+
+    pids = _worker_pids(sharded)
+    with pytest.raises(Cancelled):
+        _clips(sharded, on_progress=cancel)
+    assert _worker_pids(sharded) == pids and sharded.workers.running      # still loaded
+    got = _clips(sharded)
+    assert len(got) == len(reference) and all(torch.equal(a, b) for a, b in zip(got, reference))
+
+
+def test_an_audio_failure_while_abandoning_a_job_ends_the_workers_and_the_next_job_starts_fresh(
+        sharded, reference, monkeypatch):
+    from liveavatar_backend import parallel
+    pids = _worker_pids(sharded)
+    calls = []
+
+    def audio_then_fail(features):
+        def fetch(first, count):
+            calls.append(first)
+            if len(calls) > 1:
+                raise OSError("the audio went away")
+            return features(first, count)
+        return fetch
+
+    sample = parallel.PipelineWorkers.sample
+    monkeypatch.setattr(parallel.PipelineWorkers, "sample",
+                        lambda self, plan, text, ref, motion, audio, **kw: sample(self, plan, text, ref, motion,
+                                                                                 audio_then_fail(audio), **kw))
+    with pytest.raises(OSError, match="the audio went away"):
+        _clips(sharded)
+    monkeypatch.undo()
+    assert all(_gone(p) for p in pids) or not sharded.workers.running
+    got = _clips(sharded)
+    assert len(got) == len(reference) and all(torch.equal(a, b) for a, b in zip(got, reference))
+    assert set(_worker_pids(sharded)).isdisjoint(pids)
+
+
 def test_a_killed_worker_is_a_clear_error_and_the_next_job_starts_fresh_workers(sharded, reference):
     pids = _worker_pids(sharded)
 
