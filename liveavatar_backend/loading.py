@@ -188,9 +188,11 @@ def assemble_dit(make_part: Callable[[Callable[[str], bool] | None], LiveAvatarD
     (its float32 copy during the LoRA merge, its quantisation). The values are those of reading
     everything, merging (first, as the official code does) and converting."""
     from .fp8 import convert_to_fp8
-    from .lora import merge_lora, validate_lora
+    from .lora import check_lora_covers_model, merge_lora, validate_lora
     if lora is not None:
-        validate_lora(build_empty_dit(cfg), lora, path_for_errors=lora_path)
+        whole = build_empty_dit(cfg)
+        validate_lora(whole, lora, path_for_errors=lora_path)
+        check_lora_covers_model(whole, lora, path_for_errors=lora_path)
 
     def read_and_merge(wanted):
         part = make_part(wanted)

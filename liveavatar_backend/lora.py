@@ -228,6 +228,21 @@ def validate_lora(model: nn.Module, lora: LoraWeights, *, path_for_errors: str |
                                   f"is {list(target.weight.shape)}")
 
 
+def check_lora_covers_model(model: nn.Module, lora: LoraWeights, *,
+                            path_for_errors: str | Path | None = None) -> None:
+    """The Live Avatar LoRA adapts every target linear of the DiT (896 tensors, spec §1.2); a file
+    that adapts only some of them (truncated, converted without the audio injectors, made for
+    another model) would be half applied, so it is refused."""
+    source = str(path_for_errors or getattr(lora, "source", "LoRA"))
+    expected = expected_lora_modules(model)
+    missing = [name for name in expected if name not in lora]
+    if missing:
+        raise CheckpointError(f"{source}: adapts {len(expected) - len(missing)} of the {len(expected)} modules the "
+                              f"Live Avatar LoRA adapts; missing e.g. {', '.join(missing[:3])}. The file may "
+                              "be truncated or made for another model: download liveavatar.safetensors again "
+                              "(Quark-Vision/Live-Avatar)")
+
+
 def merge_lora(model: nn.Module, lora: LoraWeights, *, scale: float | None = None,
                path_for_errors: str | Path | None = None) -> MergeReport:
     """W ← W + scale·B·A for every module, after validating all of them (the model is left

@@ -11,7 +11,7 @@ from liveavatar_backend.errors import CheckpointError
 from liveavatar_backend.fixtures import tiny_dit, write_sharded_dit
 from liveavatar_backend.fp8 import FP8_SKIPPED, convert_to_fp8
 from liveavatar_backend.loading import assemble_dit, dit_parameter_groups, load_dit
-from liveavatar_backend.lora import merge_lora, read_lora, write_tiny_lora
+from liveavatar_backend.lora import expected_lora_modules, merge_lora, read_lora, write_tiny_lora
 from liveavatar_backend.pipeline_schedule import stage_layers
 from liveavatar_backend.stage import stage_parameters
 
@@ -85,6 +85,19 @@ def test_a_pipeline_stage_gets_its_layer_range_and_nothing_else(checkpoint, fp8)
             assert torch.equal(tensor, theirs[name]), name
         else:
             assert tensor.is_meta, name
+
+
+def test_a_lora_that_adapts_only_some_modules_fails_before_any_layer_is_read(checkpoint, tmp_path):
+    folder, _, cfg = checkpoint
+    model = tiny_dit(seed=0)
+    attention_only = [name for name in expected_lora_modules(model) if "audio" not in name and "ffn" not in name]
+    partial = write_tiny_lora(tmp_path / "partial.safetensors", model, rank=4, modules=attention_only)
+    reads = []
+    with pytest.raises(CheckpointError, match=rf"partial.safetensors: adapts {len(attention_only)} of the "
+                                              rf"{len(expected_lora_modules(model))} modules"):
+        assemble_dit(lambda keep: reads.append(keep) or load_dit(folder, cfg=cfg, keep=keep), cfg, fp8=False,
+                     lora=read_lora(partial), lora_path=partial)
+    assert reads == []
 
 
 def test_a_mismatched_lora_fails_before_any_layer_is_read(checkpoint, tmp_path):
