@@ -54,13 +54,12 @@ def load_audio(path: str | Path) -> tuple[torch.Tensor, int]:
             if not streams:
                 raise InputError(f"audio file {path} has no audio track; give a voice recording")
             for frame in container.decode(streams[0]):
-                data = frame.to_ndarray().astype(np.float32)
+                raw = frame.to_ndarray()
+                data = _integer_pcm_to_float(raw) if np.issubdtype(raw.dtype, np.integer) else raw.astype(np.float32)
                 if frame.format.is_planar:
                     samples = data.reshape(len(frame.layout.channels), -1)
                 else:
                     samples = data.reshape(-1, len(frame.layout.channels)).T
-                if np.issubdtype(frame.to_ndarray().dtype, np.integer):
-                    samples = samples / float(np.iinfo(frame.to_ndarray().dtype).max)
                 chunks.append(samples.mean(axis=0))
                 rate = frame.sample_rate
     except InputError:
@@ -70,6 +69,15 @@ def load_audio(path: str | Path) -> tuple[torch.Tensor, int]:
     if not chunks or rate is None or sum(len(c) for c in chunks) == 0:
         raise InputError(f"audio file {path} contains no samples; give a voice recording")
     return torch.from_numpy(np.concatenate(chunks)), int(rate)
+
+
+def _integer_pcm_to_float(samples: np.ndarray) -> np.ndarray:
+    """Integer PCM -> float32 in [-1, 1): signed formats over 2^(bits-1); unsigned ones (8-bit WAV)
+    are centred on 2^(bits-1) first, so silence is 0."""
+    info = np.iinfo(samples.dtype)
+    half = (float(info.max) + 1) / 2 if info.min == 0 else -float(info.min)
+    centre = half if info.min == 0 else 0.0
+    return ((samples.astype(np.float64) - centre) / half).astype(np.float32)
 
 
 def to_16k_mono(waveform: torch.Tensor, sample_rate: int) -> torch.Tensor:
@@ -183,6 +191,15 @@ class AudioFeatureExtractor:
         state.setdefault("masked_spec_embed", torch.zeros(config.hidden_size))
         model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
         return cls(model.to(device).eval(), do_normalize, device, dtype)
+
+    def check_fits_dit(self, cfg, path: str | Path) -> None:
+        """The DiT's audio projection reads `cfg.audio_layers` hidden states (the embeddings and every
+        layer) of width `cfg.audio_dim`; another wav2vec2 would fail only in the first block."""
+        layers, width = self.model.config.num_hidden_layers + 1, self.model.config.hidden_size
+        if (layers, width) != (cfg.audio_layers, cfg.audio_dim):
+            raise CheckpointError(f"{path}: this wav2vec2 gives {layers} hidden states of width {width}, but the DiT "
+                                  f"reads {cfg.audio_layers} of width {cfg.audio_dim}; use "
+                                  "wav2vec2-large-xlsr-53-english (the folder inside Wan2.2-S2V-14B)")
 
     def normalize(self, wave16k: torch.Tensor) -> torch.Tensor:
         """Zero mean, unit variance over the whole recording (the processor's do_normalize)."""

@@ -118,6 +118,7 @@ class LiveAvatarEngine:
         if mode.fp8_attention:
             _check_fp8_attention(sharded, torch.device(device))
         dtype = torch.bfloat16 if on_gpu else torch.float32
+        cfg = dit_config_for(Path(spec.dit))
         dit = workers = None
         if sharded:
             report(f"loading DiT layer ranges on {', '.join(devices)}")
@@ -128,7 +129,6 @@ class LiveAvatarEngine:
         else:
             report(f"loading DiT from {spec.dit}" + (f", merging LoRA {spec.lora}" if spec.lora else "")
                    + (", converting to FP8 layer by layer" if mode.fp8_weights else ""))
-            cfg = dit_config_for(Path(spec.dit))
             dit = assemble_dit(lambda keep: load_dit(spec.dit, device=device, dtype=dtype, cfg=cfg, keep=keep), cfg,
                                fp8=mode.fp8_weights, lora=read_lora(spec.lora) if spec.lora else None,
                                lora_scale=spec.lora_scale, lora_path=spec.lora, out_dtype=dtype)
@@ -137,6 +137,7 @@ class LiveAvatarEngine:
         report("loading text encoder, VAE and audio encoder")
         try:
             text, vae, audio = _load_encoders_and_vae(spec, mode, device, dtype)
+            audio.check_fits_dit(cfg, spec.audio_encoder)
         except BaseException:
             if workers is not None:           # the DiT's ranks hold their layers: they end with the load
                 workers.close()

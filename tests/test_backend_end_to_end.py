@@ -117,6 +117,16 @@ def test_model_files_that_do_not_match_fail_loudly(tiny, tmp_path):
         load_dit(broken, dtype=torch.float32)
 
 
+def test_a_wav2vec2_the_dit_cannot_read_fails_at_load_naming_it(tiny, tmp_path):
+    from liveavatar_backend.audio import write_tiny_wav2vec2
+    from liveavatar_backend.engine import LiveAvatarEngine, ModelSpec
+    other = write_tiny_wav2vec2(tmp_path / "wav2vec2-base", layers=4)         # the tiny DiT reads 3 states
+    spec = ModelSpec.from_folder(tiny / "Wan2.2-S2V-14B", audio_encoder=other)
+    with pytest.raises(CheckpointError, match="wav2vec2-base: this wav2vec2 gives 5 hidden states of width 32, "
+                                              "but the DiT reads 3"):
+        LiveAvatarEngine.load(spec, device="cpu")
+
+
 def test_audio_decoding_resamples_any_format(tmp_path):
     import av
     import numpy as np
@@ -134,6 +144,24 @@ def test_audio_decoding_resamples_any_format(tmp_path):
         wave, got = load_audio(path)
         voice = to_16k_mono(wave, got)
         assert got == rate and abs(voice.numel() / 16000 - 1.0) < 0.1 and voice.abs().max() > 0.2
+
+
+@pytest.mark.parametrize("width, to_pcm", [(1, lambda x: (x * 127 + 128).astype("uint8")),      # unsigned
+                                            (2, lambda x: (x * 32767).astype("<i2"))])
+def test_integer_wav_decodes_centred_at_full_level(tmp_path, width, to_pcm):
+    import wave
+
+    import numpy as np
+    tone = 0.5 * np.sin(np.arange(16000) * 2 * np.pi * 220 / 16000)
+    path = tmp_path / f"tone-{8 * width}bit.wav"
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(width)
+        out.setframerate(16000)
+        out.writeframes(to_pcm(tone).tobytes())
+    voice, rate = load_audio(path)
+    assert rate == 16000 and abs(float(voice.mean())) < 0.01
+    assert float(voice.max()) == pytest.approx(0.5, abs=0.01) and float(voice.min()) == pytest.approx(-0.5, abs=0.01)
 
 
 def test_wav2vec2_folder_and_comfy_file_agree(tiny):
