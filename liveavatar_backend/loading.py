@@ -88,9 +88,9 @@ def _iter_single_file(path: Path) -> Iterator[tuple[str, Path, object]]:
     keys = list(handle.keys())
     prefixed = all(k.startswith(COMFY_PREFIX) for k in keys if k != SCALED_FP8_MARKER)
     for key in keys:
-        if key == SCALED_FP8_MARKER or key.endswith(SCALE_SUFFIX) or key.endswith(INPUT_SCALE_SUFFIX):
+        name = key[len(COMFY_PREFIX):] if prefixed else key     # a full checkpoint prefixes its marker too
+        if name == SCALED_FP8_MARKER or name.endswith(SCALE_SUFFIX) or name.endswith(INPUT_SCALE_SUFFIX):
             continue
-        name = key[len(COMFY_PREFIX):] if prefixed else key
         yield name, path, (handle, key)
 
 

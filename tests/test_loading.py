@@ -110,3 +110,25 @@ def test_a_mismatched_lora_fails_before_any_layer_is_read(checkpoint, tmp_path):
         assemble_dit(lambda keep: reads.append(keep) or load_dit(folder, cfg=cfg, keep=keep), cfg, fp8=True,
                      lora=read_lora(bad), lora_path=bad)
     assert reads == []
+
+
+@pytest.mark.parametrize("prefix", ["", "model.diffusion_model."])
+def test_a_comfyui_scaled_fp8_single_file_loads_with_or_without_the_checkpoint_prefix(checkpoint, tmp_path, prefix):
+    """ComfyUI marks scaled-fp8 files with a `scaled_fp8` key, prefixed like every other key in a
+    full checkpoint; the marker and the `.scale_weight` factors are not parameters of the model."""
+    from safetensors.torch import save_file
+    _, _, cfg = checkpoint
+    state = {k: v.to(torch.bfloat16).contiguous() for k, v in tiny_dit(seed=4).state_dict().items()}
+    name = "blocks.0.ffn.0.weight"
+    scale = state[name].float().abs().max() / 448
+    stored = {prefix + k: v for k, v in state.items()}
+    stored[prefix + name] = (state[name].float() / scale).to(torch.float8_e4m3fn)
+    stored[prefix + name.replace(".weight", ".scale_weight")] = scale.reshape(())
+    stored[prefix + "scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
+    path = tmp_path / "wan2.2_s2v_14B_fp8_scaled.safetensors"
+    save_file(stored, str(path))
+    loaded = load_dit(path, dtype=torch.float32, cfg=cfg).state_dict()
+    assert set(loaded) == set(state)
+    expected = stored[prefix + name].float() * scale
+    assert torch.allclose(loaded[name], expected, rtol=1e-2) and torch.equal(loaded["head.head.weight"],
+                                                                             state["head.head.weight"].float())
