@@ -96,6 +96,6 @@ def clip_info(latent: dict) -> dict:
 
 def clips_of(latent: dict):
     """Each clip [16, 12, h, w] of a LiveAvatar LATENT, in order (checked before the first is asked for)."""
+    num_clips = clip_info(latent)["num_clips"]
     samples = latent["samples"][0]
-    return (samples[:, C.LATENTS_PER_CLIP * clip: C.LATENTS_PER_CLIP * (clip + 1)]
-            for clip in range(clip_info(latent)["num_clips"]))
+    return (samples[:, C.LATENTS_PER_CLIP * clip: C.LATENTS_PER_CLIP * (clip + 1)] for clip in range(num_clips))

@@ -22,7 +22,8 @@ LiveAvatarModel = io.Custom("LIVEAVATAR_MODEL")
 class LoadedModel:
     """What a LIVEAVATAR_MODEL carries: the engine, which ComfyUI may unload ("Unload Models", "Free
     model and node cache", an out-of-memory error, --disable-smart-memory) and which loads itself
-    again, from the same files, the next time a node uses it."""
+    again, from the same files, the next time a node uses it. One model set is loaded at a time
+    (14B does not fit twice): loading one unloads whichever other handle holds its engine."""
 
     def __init__(self, key: tuple, load: Callable[[], LiveAvatarEngine]):
         self.key = key
@@ -34,7 +35,11 @@ class LoadedModel:
         return self._engine is not None
 
     def engine(self) -> LiveAvatarEngine:
+        global _current
         if self._engine is None:
+            if _current is not self:
+                unload_current()
+                _current = self
             self._engine = self._load()
         return self._engine
 
@@ -49,11 +54,12 @@ class LoadedModel:
         log.info("Live Avatar model unloaded; it loads again when a node next uses it")
 
 
-_current: LoadedModel | None = None                  # one model set at a time; 14B does not fit twice
+_current: LoadedModel | None = None                  # the handle whose engine may be loaded
 
 
 def current_model(key: tuple, load: Callable[[], LiveAvatarEngine]) -> LoadedModel:
-    """The model set for `key`: the one kept if the key matches, else a new one (the old one unloaded)."""
+    """The model set for `key`: the one kept if the key matches, else a new one (the old one unloaded,
+    before the new one reads any file)."""
     global _current
     if _current is None or _current.key != key:
         unload_current()
@@ -69,14 +75,18 @@ def unload_current() -> None:
 def follow_comfyui_unloads() -> None:
     """Make ComfyUI's `unload_all_models` unload this pack's model too. Its model management does not
     know the engine (it is not one of ComfyUI's model patchers), so without this the buttons that
-    free VRAM would leave 17-33 GB on the GPU. Installed once, at import."""
+    free VRAM would leave 17-33 GB on the GPU. ComfyUI calls it outside any `try` in its prompt
+    loop, so a failure here is logged, never raised. Installed once, at import."""
     original = mm.unload_all_models
     if getattr(original, "unloads_liveavatar", False):
         return
 
     @functools.wraps(original)
     def unload_all_models(*args, **kwargs):
-        unload_current()
+        try:
+            unload_current()
+        except Exception:
+            log.exception("unloading the Live Avatar model failed")
         return original(*args, **kwargs)
 
     unload_all_models.unloads_liveavatar = True
@@ -148,33 +158,30 @@ class LiveAvatarModelLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, checkpoint, lora, memory_mode, devices, text_encoder, vae, audio_encoder) -> io.NodeOutput:
-        key = (checkpoint, lora, memory_mode, devices, text_encoder, vae, audio_encoder)
-        if _current is not None and _current.key == key:
-            _current.engine()                   # loads again if ComfyUI unloaded it
-            return io.NodeOutput(_current)
-        unload_current()                        # before reading any file: the old model's memory goes first
-        folder = paths.resolve_checkpoint(checkpoint)
-        overrides = {name: p for name, p in (
-            ("text_encoder", paths.resolve_component("text_encoders", text_encoder)),
-            ("vae", paths.resolve_component("vae", vae)),
-            ("audio_encoder", paths.resolve_component("audio_encoders", audio_encoder))) if p is not None}
-        if folder.is_dir():
-            spec = ModelSpec.from_folder(folder, lora=paths.resolve_lora(lora), **overrides)
-        else:
-            missing = [n for n in ("text_encoder", "vae", "audio_encoder") if n not in overrides]
-            if missing:
-                raise ValueError(f"{', '.join(missing)}: the checkpoint {checkpoint!r} is a single file, so pick "
-                                 "the matching files (umt5_xxl, wan_2.1_vae, wav2vec2_large_english) explicitly")
-            spec = ModelSpec.single_files(folder, lora=paths.resolve_lora(lora), **overrides)
-        device = _devices(devices)
-
-        def load() -> LiveAvatarEngine:
-            names = parse_devices(device)
-            if not external_world(names):    # 17-33 GB of weights, then the caches: all of ComfyUI's models go
-                for name in names:
-                    make_room(name, float("inf"))
-            return LiveAvatarEngine.load(spec, device=device, memory_mode=memory_mode, report=log.info)
-
-        model = current_model(key, load)
-        model.engine()                          # load now, so that a bad file fails at this node
+        settings = (checkpoint, lora, memory_mode, devices, text_encoder, vae, audio_encoder)
+        model = current_model(settings, lambda: _load_engine(*settings))
+        model.engine()                          # loads now (or again), so that a bad file fails at this node
         return io.NodeOutput(model)
+
+
+def _load_engine(checkpoint, lora, memory_mode, devices, text_encoder, vae, audio_encoder) -> LiveAvatarEngine:
+    """The engine for the loader's settings, after ComfyUI's own models have left its devices."""
+    folder = paths.resolve_checkpoint(checkpoint)
+    overrides = {name: p for name, p in (
+        ("text_encoder", paths.resolve_component("text_encoders", text_encoder)),
+        ("vae", paths.resolve_component("vae", vae)),
+        ("audio_encoder", paths.resolve_component("audio_encoders", audio_encoder))) if p is not None}
+    if folder.is_dir():
+        spec = ModelSpec.from_folder(folder, lora=paths.resolve_lora(lora), **overrides)
+    else:
+        missing = [n for n in ("text_encoder", "vae", "audio_encoder") if n not in overrides]
+        if missing:
+            raise ValueError(f"{', '.join(missing)}: the checkpoint {checkpoint!r} is a single file, so pick "
+                             "the matching files (umt5_xxl, wan_2.1_vae, wav2vec2_large_english) explicitly")
+        spec = ModelSpec.single_files(folder, lora=paths.resolve_lora(lora), **overrides)
+    device = _devices(devices)
+    names = parse_devices(device)
+    if not external_world(names):        # 17-33 GB of weights, then the caches: all of ComfyUI's models go
+        for name in names:
+            make_room(name, float("inf"))
+    return LiveAvatarEngine.load(spec, device=device, memory_mode=memory_mode, report=log.info)

@@ -31,10 +31,10 @@ def resize_frames(frames: torch.Tensor, height: int, width: int, method: str, up
     an alpha channel is resized beside it with `method`."""
     if upscale_model is not None:
         rgb = ImageUpscaleWithModel.execute(upscale_model, frames[..., :3]).args[0]
-        if frames.shape[-1] > 3:
-            alpha = frames[..., 3:].to(rgb.device).movedim(-1, 1)
-            alpha = comfy.utils.common_upscale(alpha, rgb.shape[2], rgb.shape[1], method, "disabled").movedim(1, -1)
-            rgb = torch.cat([rgb, alpha.to(rgb.dtype)], dim=-1)
+        if frames.shape[-1] > 3:          # as 3 channels: lanczos goes through PIL, which wants RGB
+            alpha = frames[..., 3:].to(rgb.device).expand(*frames.shape[:-1], 3).movedim(-1, 1)
+            alpha = comfy.utils.common_upscale(alpha, rgb.shape[2], rgb.shape[1], method, "disabled")
+            rgb = torch.cat([rgb, alpha[:, :1].movedim(1, -1).to(rgb.dtype)], dim=-1)
         frames = rgb
     if frames.shape[1:3] != (height, width):
         frames = comfy.utils.common_upscale(frames.movedim(-1, 1), width, height, method, "disabled").movedim(1, -1)

@@ -92,8 +92,27 @@ def test_comfyuis_unload_models_frees_the_model_and_the_next_node_loads_it_again
                                        "256*192", 1, 2, 7)       # the cached model output, used again
     assert len(engines) == 2 and output.result[0]["samples"].shape[:3] == (1, 16, 12)
     assert loader.current_model(("tiny", "unload test"), load) is model     # same settings: kept
-    loader.current_model(("another",), load)                   # new settings: the old model goes
+    other = loader.current_model(("another",), load)           # new settings: the old model goes
     assert not model.loaded
+    other.engine()
+    model.engine()            # a handle that ComfyUI still caches (a second loader node) loads again:
+    assert model.loaded and not other.loaded and len(engines) == 4       # the other one makes room
+    loader.unload_current()
+
+
+def test_a_failing_unload_is_logged_and_comfyui_still_unloads_its_models(pack, caplog):
+    import comfy.model_management as mm
+    from liveavatar_pack.nodes import loader
+
+    class Broken:
+        def close(self):
+            raise RuntimeError("the device went away")
+
+    comfy_model, loaded = load_a_comfyui_model()
+    loader.LoadedModel(("broken",), Broken).engine()
+    mm.unload_all_models()                # called outside any try in ComfyUI's prompt loop: must not raise
+    assert loaded == [] and "the device went away" in caplog.text
+    assert not loader._current.loaded
 
 
 def test_long_render_latents_live_in_an_unlinked_file(pack, tiny_engine, tmp_path, monkeypatch):
@@ -129,10 +148,22 @@ def test_foreign_latents_and_empty_audio_fail_naming_the_input(pack):
             audio_to_16k_mono({"waveform": waveform, "sample_rate": 44100})
 
 
-def test_upscale_keeps_an_alpha_channel(pack):
-    from liveavatar_pack.nodes.upscale import LiveAvatarUpscaleVideo
+@pytest.mark.parametrize("method", ["bilinear", "lanczos"])
+@pytest.mark.parametrize("with_model", [False, True])
+def test_upscale_keeps_an_alpha_channel(pack, monkeypatch, method, with_model):
+    """An upscale model sees RGB only (core's models take 3 channels); alpha is resized beside it."""
+    from liveavatar_pack.nodes import upscale
+    seen = []
+
+    def upscale_with_model(model, image):                   # stands in for core's 2x model
+        seen.append(image.shape[-1])
+        return type("Output", (), {"args": (image.repeat_interleave(2, 1).repeat_interleave(2, 2),)})()
+
+    monkeypatch.setattr(upscale.ImageUpscaleWithModel, "execute", upscale_with_model)
     frames = torch.rand(3, 16, 16, 4)
     frames[..., 3] = 0.25
-    out = LiveAvatarUpscaleVideo.execute(frames, "factor", 2.0, 0, 0, "bilinear", 2).result[0]
-    assert out.shape == (3, 32, 32, 4)
-    assert torch.allclose(out[..., 3], torch.full((3, 32, 32), 0.25))
+    out = upscale.LiveAvatarUpscaleVideo.execute(frames, "factor", 4.0 if with_model else 2.0, 0, 0, method, 2,
+                                                 upscale_model=object() if with_model else None).result[0]
+    size = 64 if with_model else 32
+    assert out.shape == (3, size, size, 4) and seen == ([3, 3] if with_model else [])
+    assert torch.allclose(out[..., 3], torch.full((3, size, size), 0.25), atol=1e-2)
