@@ -134,25 +134,25 @@ class LiveAvatarEngine:
                                lora_scale=spec.lora_scale, lora_path=spec.lora, out_dtype=dtype)
             if on_gpu:
                 torch.cuda.empty_cache()      # the bf16 groups' memory, for the caches and the decoder
-        report("loading text encoder, VAE and audio encoder")
         try:
+            report("loading text encoder, VAE and audio encoder")
             text, vae, audio = _load_encoders_and_vae(spec, mode, device, dtype)
             audio.check_fits_dit(cfg, spec.audio_encoder)
+            compile_ok, why_not = block_ops.compile_supported() if on_gpu else (False, "")
+            if on_gpu and not compile_ok:
+                report(f"torch.compile is off ({why_not}): eager PyTorch, ≈1.5x slower (README, Troubleshooting)")
+            if compile_ok and dit is not None:
+                block_ops.enable_compile()    # one graph per function for all layers (PERFORMANCE.md)
+            if compile_ok and not mode.offload_caches:
+                vae.enable_compile()          # 0.55x the VAE's time; low_vram keeps the smaller eager peak
+            graphs_blocked = capture_blocked() if on_gpu and dit is not None and not mode.offload_caches else None
+            if graphs_blocked:
+                report(f"CUDA graphs are off: {graphs_blocked} (README, Troubleshooting)")
+            return cls(dit, text, vae, audio, device, dtype, spec, mode, workers)
         except BaseException:
             if workers is not None:           # the DiT's ranks hold their layers: they end with the load
                 workers.close()
             raise
-        compile_ok, why_not = block_ops.compile_supported() if on_gpu else (False, "")
-        if on_gpu and not compile_ok:
-            report(f"torch.compile is off ({why_not}): eager PyTorch, ≈1.5x slower (README, Troubleshooting)")
-        if compile_ok and dit is not None:
-            block_ops.enable_compile()        # one graph per function for all layers (PERFORMANCE.md)
-        if compile_ok and not mode.offload_caches:
-            vae.enable_compile()              # 0.55x the VAE's time; low_vram keeps the smaller eager peak
-        graphs_blocked = capture_blocked() if on_gpu and dit is not None and not mode.offload_caches else None
-        if graphs_blocked:
-            report(f"CUDA graphs are off: {graphs_blocked} (README, Troubleshooting)")
-        return cls(dit, text, vae, audio, device, dtype, spec, mode, workers)
 
     def close(self) -> None:
         """End the pipeline workers (a sharded DiT); a single-device engine has nothing to end."""

@@ -41,7 +41,7 @@ log = logging.getLogger("liveavatar")
 MAX_DEVICES = 8                    # issue 5: N = 1…8 devices of one host
 POLL_SECONDS = 0.1                 # how often a waiting controller checks for stop requests
 QUIT_GRACE_SECONDS = 10.0          # a worker asked to quit gets this long before it is killed
-DRAIN_SECONDS = 120.0              # an abandoned job gets this long to stop (a tick is < 1 s on GPUs)
+DRAIN_SECONDS = 120.0              # a stopped job may stay silent this long (a first compile, a CPU tick)
 LOG_TAIL_CHARS = 2000              # of a failed worker's output, quoted in the error
 WORKER_CPU_THREADS = 4             # at most this many CPU threads per worker (see start())
 EXTERNAL_PREFIX = "external:"      # 'external:N': N workers started by torchrun connect to us
@@ -308,9 +308,7 @@ class PipelineWorkers:
                     stop_sent = True
                 kind = message[0]
                 if kind == "audio":
-                    clip = message[2]
-                    features = audio_features(C.FRAMES_PER_CLIP * clip, C.FRAMES_PER_CLIP).float().cpu()
-                    send_message(rank0, ("audio", job_id, clip, features))
+                    _answer_audio(rank0, job_id, message[2], audio_features)
                 elif kind == "block":
                     blocks.append(message[2])
                     block = message[1]
@@ -330,6 +328,9 @@ class PipelineWorkers:
                             raise GenerationInterrupted("generation stopped on every device")
                         self.last_reports = [reports[r] for r in sorted(reports)]
                         return
+        except (KeyboardInterrupt, SystemExit):
+            self.close()                        # Ctrl-C: no waiting for the workers; the next job restarts them
+            raise
         except BaseException:
             # the caller stopped reading (GeneratorExit) or its callback raised (ComfyUI's interrupt
             # comes from on_progress): the workers must leave this job before the next one starts
@@ -338,28 +339,38 @@ class PipelineWorkers:
 
     def _abandon(self, job_id: int, finished: set[int], audio_features) -> None:
         """Stop the workers' job and read their messages up to its end, answering rank 0's audio
-        requests meanwhile (it may be waiting for one). Workers that cannot be stopped so within
-        DRAIN_SECONDS, or a failure while draining, end them: the next job starts fresh ones."""
+        requests meanwhile (it may be waiting for one). Workers silent for DRAIN_SECONDS, or a failure
+        while draining, end them: the next job starts fresh ones."""
         if not self.running or len(finished) == len(self.workers):
             return
         rank0 = self.workers[0].conn
-        deadline = time.monotonic() + DRAIN_SECONDS
         try:
             send_message(rank0, ("stop", job_id))
+            deadline = time.monotonic() + DRAIN_SECONDS
             for message in self._messages():
+                if message[0] == "idle":
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"the workers sent nothing for {DRAIN_SECONDS:.0f} s after a stop")
+                    continue
+                deadline = time.monotonic() + DRAIN_SECONDS
                 if message[0] == "audio":
-                    clip = message[2]
-                    features = audio_features(C.FRAMES_PER_CLIP * clip, C.FRAMES_PER_CLIP).float().cpu()
-                    send_message(rank0, ("audio", job_id, clip, features))
+                    _answer_audio(rank0, job_id, message[2], audio_features)
                 elif message[0] in ("done", "stopped"):
                     finished.add(message[1])
                     if len(finished) == len(self.workers):
                         return
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"the workers did not stop within {DRAIN_SECONDS} s")
-        except BaseException as error:          # the caller's own exception is the one to report
+        except Exception as error:              # the caller's own exception is the one to report
             log.warning("ending the pipeline workers: %s", error)
             self.close()
+        except BaseException:                   # Ctrl-C while draining: end them and stop now
+            self.close()
+            raise
+
+
+def _answer_audio(rank0, job_id: int, clip: int, audio_features) -> None:
+    """Rank 0 asks for a clip's audio features ahead of time; they travel on the CPU in float32."""
+    features = audio_features(C.FRAMES_PER_CLIP * clip, C.FRAMES_PER_CLIP).float().cpu()
+    send_message(rank0, ("audio", job_id, clip, features))
 
 
 def external_world(devices: list[str]) -> int:

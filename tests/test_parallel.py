@@ -190,7 +190,7 @@ def test_an_audio_failure_while_abandoning_a_job_ends_the_workers_and_the_next_j
     with pytest.raises(OSError, match="the audio went away"):
         _clips(sharded)
     monkeypatch.undo()
-    assert all(_gone(p) for p in pids) or not sharded.workers.running
+    assert all(_gone(p) for p in pids)
     got = _clips(sharded)
     assert len(got) == len(reference) and all(torch.equal(a, b) for a, b in zip(got, reference))
     assert set(_worker_pids(sharded)).isdisjoint(pids)
@@ -239,7 +239,7 @@ def test_a_bad_vae_read_after_the_dit_ends_the_workers_with_the_load(spec, tmp_p
     before = _all_workers()
     with pytest.raises(CheckpointError, match="Wan2.1_VAE.pth") as failure:
         LiveAvatarEngine.load(dataclasses.replace(spec, vae=bad), device="cpu,cpu")
-    assert failure.value.__traceback__ is not None and _all_workers() <= before
+    assert _all_workers() <= before, failure.value        # checked while the exception is referenced
 
 
 def test_workers_started_by_torchrun_give_the_same_latents(spec, reference, monkeypatch):
