@@ -30,6 +30,21 @@ def frames_to_uint8(frames: torch.Tensor) -> np.ndarray:
     return (frames.float().clamp(0, 1) * 255).to(torch.uint8).cpu().numpy()
 
 
+def check_output_path(path: str | Path) -> Path:
+    """The output file's path, its folder created; a clear InputError where no file can go there."""
+    path = Path(path)
+    if path.name in ("", ".", "..") or path.is_dir():
+        raise InputError(f"output {str(path)!r} is a folder or has no file name; give a file name such as out.mp4")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"output {path}: its folder cannot be created ({exc.strerror or exc}); "
+                         "choose another place") from None
+    if not os.access(path.parent, os.W_OK):
+        raise InputError(f"output {path}: the folder {path.parent} is not writable; choose another place")
+    return path
+
+
 class Mp4Writer:
     def __init__(self, path: str | Path, width: int, height: int, fps: float = 25.0,
                  audio: tuple[torch.Tensor, int] | None = None, crf: int = 19):
@@ -37,11 +52,13 @@ class Mp4Writer:
         if width % 2 or height % 2:
             raise InputError(f"video size {width}x{height}: H.264 needs even width and height; "
                              "resize to an even size (e.g. with LiveAvatarUpscaleVideo)")
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = check_output_path(path)
         self.partial = self.path.with_name(f".{self.path.stem}.partial{self.path.suffix or '.mp4'}")
-        self.fps, self.audio, self.frames_written = fps, audio, 0
-        self.container = av.open(str(self.partial), mode="w", format="mp4")
+        self.fps, self.audio, self.frames_written, self.audio_written = fps, audio, 0, 0
+        try:
+            self.container = av.open(str(self.partial), mode="w", format="mp4")
+        except OSError as exc:
+            raise InputError(f"output {self.path}: cannot be written ({exc}); choose another place") from None
         self.video = self.container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1000))
         self.video.width, self.video.height, self.video.pix_fmt = width, height, "yuv420p"
         self.video.options = {"crf": str(crf)}
@@ -50,37 +67,49 @@ class Mp4Writer:
             self.audio_stream = self.container.add_stream("aac", rate=int(audio[1]))
             self.audio_stream.layout = "mono"
             self.audio_stream.bit_rate = AUDIO_BITRATE
+            self.samples = audio[0].float().reshape(-1).clamp(-1, 1).numpy()
 
     def write(self, frames: torch.Tensor) -> None:
+        """Append frames; the voice follows in whole AAC frames up to the video's length so far, so
+        audio and video interleave in the file and nothing is left to encode at the end."""
         import av
         for rgb in frames_to_uint8(frames):
             frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
             for packet in self.video.encode(frame):
                 self.container.mux(packet)
             self.frames_written += 1
+        if self.audio_stream is not None:
+            self._write_audio(self._audio_end() // AAC_FRAME_SAMPLES * AAC_FRAME_SAMPLES)
 
-    def _write_audio(self) -> None:
+    def _audio_end(self) -> int:
+        """Samples of voice that the frames written so far cover (the audio is cut at the video's end)."""
+        return min(len(self.samples), int(round(self.frames_written / self.fps * self.audio[1])))
+
+    def _write_audio(self, end: int) -> None:
         import av
-        wave, rate = self.audio
-        keep = int(round(self.frames_written / self.fps * rate))
-        samples = wave.float().reshape(-1)[:keep].clamp(-1, 1).numpy()
-        for start in range(0, len(samples), AAC_FRAME_SAMPLES):
-            chunk = samples[start: start + AAC_FRAME_SAMPLES]
+        for start in range(self.audio_written, end, AAC_FRAME_SAMPLES):
+            chunk = self.samples[start: min(start + AAC_FRAME_SAMPLES, end)]
             frame = av.AudioFrame.from_ndarray(chunk[None].astype(np.float32), format="fltp", layout="mono")
-            frame.sample_rate = rate
+            frame.sample_rate = self.audio[1]
             frame.pts = start
             for packet in self.audio_stream.encode(frame):
                 self.container.mux(packet)
-        for packet in self.audio_stream.encode(None):
-            self.container.mux(packet)
+        self.audio_written = max(self.audio_written, end)
 
     def close(self) -> None:
-        for packet in self.video.encode(None):
-            self.container.mux(packet)
-        if self.audio_stream is not None:
-            self._write_audio()
-        self.container.close()
-        os.replace(self.partial, self.path)
+        """Flush both streams and move the file into place; on any failure nothing is left behind."""
+        try:
+            for packet in self.video.encode(None):
+                self.container.mux(packet)
+            if self.audio_stream is not None:
+                self._write_audio(self._audio_end())
+                for packet in self.audio_stream.encode(None):
+                    self.container.mux(packet)
+            self.container.close()
+            os.replace(self.partial, self.path)
+        except BaseException:
+            self.abort()
+            raise
 
     def abort(self) -> None:
         try:

@@ -228,3 +228,25 @@ def test_mp4_writer_removes_its_partial_file_on_error(tmp_path):
     info = probe_mp4(out)
     assert (info["frames"], info["fps"], info["has_audio"]) == (93, 25.0, True)
     assert abs(info["duration"] - 93 / 25) < 0.1                        # audio cut at the end of the video
+
+
+def test_mp4_writer_interleaves_the_voice_and_refuses_paths_it_cannot_write(tmp_path, monkeypatch):
+    import av
+    out = tmp_path / "long.mp4"
+    with Mp4Writer(out, 64, 48, audio=(torch.rand(16000 * 8) - 0.5, 16000)) as writer:
+        for _ in range(4):
+            writer.write(torch.rand(48, 48, 64, 3))
+    with av.open(str(out)) as container:
+        kinds = [packet.stream.type for packet in container.demux() if packet.size]
+    video_packets = kinds.count("video")
+    first_audio = kinds.index("audio")
+    assert video_packets == 192 and first_audio < len(kinds) // 2      # not all at the end of the file
+    assert probe_mp4(out)["duration"] == pytest.approx(192 / 25, abs=0.1)
+    for bad, words in ((tmp_path, "is a folder"), (out / "x.mp4", "cannot be created")):
+        with pytest.raises(InputError, match=words):
+            Mp4Writer(bad, 64, 48)
+    monkeypatch.setattr(Mp4Writer, "_write_audio", lambda self, end: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        with Mp4Writer(tmp_path / "stopped.mp4", 64, 48, audio=(torch.zeros(16000), 16000)) as writer:
+            writer.write(torch.rand(12, 48, 64, 3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["long.mp4"]     # no partial file left
