@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -15,6 +16,10 @@ def _report(message: str) -> None:
     print(message, file=sys.stderr)
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def _generate(args) -> int:
     from .render import prefer_expandable_segments
     prefer_expandable_segments()                  # before torch touches the GPU
@@ -24,11 +29,18 @@ def _generate(args) -> int:
     from .audio import load_audio, to_16k_mono
     from .engine import LiveAvatarEngine, ModelSpec
     from .image import load_portrait
+    from .pipeline import check_run_settings
     from .render import render
-    from .video import Mp4Writer
+    from .sizes import parse_size
+    from .video import Mp4Writer, check_output_path
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise InputError("--device cuda: no CUDA GPU is visible; use --device cpu")
+    parse_size(args.size)                         # what needs no model fails before minutes of loading
+    check_run_settings(max_clips=args.num_clip, steps=args.steps, seed=args.seed)
+    check_output_path(args.out)
+    for stop in (signal.SIGTERM, signal.SIGHUP):  # `timeout`, `docker stop`, a closed terminal: no partial mp4
+        signal.signal(stop, _interrupt)
     portrait = load_portrait(args.image)
     wave, rate = load_audio(args.audio)
     voice = to_16k_mono(wave, rate)

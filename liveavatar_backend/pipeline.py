@@ -189,15 +189,20 @@ def plan_generation(*, image_height: int, image_width: int, area: int, audio_fra
                     max_clips: int | None, steps: int, seed: int) -> GenerationPlan:
     """Resolution from the portrait and the area (spec §3.1); clips from the audio (spec §3.2)."""
     from .sizes import target_size
-    validate_steps(steps)
-    if max_clips is not None and max_clips < 0:
-        raise InputError(f"num_clips is {max_clips}; use 0 to follow the audio or a positive count")
+    check_run_settings(max_clips=max_clips, steps=steps, seed=seed)
     height, width = target_size(image_height, image_width, area)
     clips_for_audio = clips_for_audio_frames(audio_frames)
     num_clips = clips_for_audio if not max_clips else min(max_clips, clips_for_audio)
+    return GenerationPlan(height, width, num_clips, steps, seed)
+
+
+def check_run_settings(*, max_clips: int | None, steps: int, seed: int) -> None:
+    """The settings of a run that need no model (the command line checks them before loading one)."""
+    validate_steps(steps)
+    if max_clips is not None and max_clips < 0:
+        raise InputError(f"num_clips is {max_clips}; use 0 to follow the audio or a positive count")
     if not 0 <= seed < 2 ** 63:
         raise InputError(f"seed {seed} out of range; use 0 … 2^63−1")
-    return GenerationPlan(height, width, num_clips, steps, seed)
 
 
 def clips_for_audio_frames(audio_frames_30hz: int) -> int:

@@ -47,6 +47,42 @@ def test_cli_generates_mp4_with_audio(tiny, tmp_path):
     assert (info["width"], info["height"]) == (384, 256)          # 720×400 portrait, area 384*256
 
 
+def test_cli_refuses_settings_and_outputs_before_loading_anything(tiny, tmp_path):
+    folder, a_file = tmp_path / "videos", tmp_path / "notes.txt"
+    folder.mkdir()
+    a_file.write_text("not a folder")
+    base = ["generate", "--ckpt-dir", tiny / "Wan2.2-S2V-14B", "--image", EXAMPLES / "boy.jpg",
+            "--audio", EXAMPLES / "dwarven_blacksmith.wav", "--prompt", "x", "--device", "cpu"]
+    for extra, words in ((["--size", "foo", "--out", tmp_path / "o.mp4"], "size 'foo'"),
+                         (["--seed", "-1", "--out", tmp_path / "o.mp4"], "seed -1"),
+                         (["--num-clip", "-2", "--out", tmp_path / "o.mp4"], "num_clips is -2"),
+                         (["--out", folder], "is a folder"),
+                         (["--out", a_file / "x.mp4"], "cannot be created")):
+        run = _cli(*base, *extra)
+        assert run.returncode == 2 and words in run.stderr, run.stderr[-1500:]
+        assert "loading" not in run.stderr and "Traceback" not in run.stderr
+
+
+def test_cli_stopped_by_sigterm_leaves_no_file(tiny, tmp_path):
+    """`timeout`, `docker stop` or a closed terminal end the render like Ctrl-C: no partial mp4."""
+    import signal
+    if not EXAMPLES.exists():
+        pytest.skip("../shared/examples not present")
+    out = tmp_path / "out.mp4"
+    process = subprocess.Popen([sys.executable, "-m", "liveavatar_backend", "generate", "--ckpt-dir",
+                                str(tiny / "Wan2.2-S2V-14B"), "--image", str(EXAMPLES / "boy.jpg"),
+                                "--audio", str(EXAMPLES / "dwarven_blacksmith.wav"), "--prompt", "x",
+                                "--size", "256*192", "--steps", "2", "--device", "cpu", "--out", str(out)],
+                               cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    for line in process.stderr:                     # the plan is printed just before rendering starts
+        if " clips, " in line:
+            break
+    process.send_signal(signal.SIGTERM)
+    rest = process.stderr.read()
+    assert process.wait(timeout=120) == 130 and "interrupted" in rest
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_same_seed_same_latents_and_other_seed_differs(engine):
     portrait = torch.rand(400, 720, 3)
     voice = torch.randn(16000 * 2) * 0.1
