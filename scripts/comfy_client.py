@@ -69,6 +69,14 @@ class ComfyClient:
         return [f for f in found if str(f.get("filename", "")).endswith(".mp4")]
 
 
+def _widget_value(text: str):
+    """A number, true/false or JSON list/object as such; anything else (a prompt, 'fast') as the string."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
 def main(argv: list[str]) -> int:
     """python scripts/comfy_client.py URL WORKFLOW.api.json [key=value overrides as node.input=value]"""
     client = ComfyClient(argv[0])
@@ -76,7 +84,7 @@ def main(argv: list[str]) -> int:
     for override in argv[2:]:
         target, value = override.split("=", 1)
         node, field = target.split(".", 1)
-        workflow[node]["inputs"][field] = json.loads(value) if value[:1] in "[{0123456789-tf" else value
+        workflow[node]["inputs"][field] = _widget_value(value)
     entry = client.wait(client.queue(workflow))
     error = client.error_of(entry)
     if error:

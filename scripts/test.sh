@@ -5,4 +5,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_system.sh
 bash scripts/setup_host.sh
-exec .comfyui-host/venv/bin/python -m pytest tests -q "$@"
+exec "${LIVEAVATAR_HOST_DIR:-.comfyui-host}/venv/bin/python" -m pytest tests -q "$@"

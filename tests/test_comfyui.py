@@ -24,6 +24,12 @@ def run(client, workflow: dict, timeout: float = 1500) -> dict:
     return client.wait(client.queue(workflow), timeout)
 
 
+def test_command_line_overrides_keep_words_as_strings():
+    from comfy_client import _widget_value
+    assert [_widget_value(v) for v in ("7", "-1.5", "true", "[1, 2]")] == [7, -1.5, True, [1, 2]]
+    assert [_widget_value(v) for v in ("fast", "the man speaks", "")] == ["fast", "the man speaks", ""]
+
+
 def test_pack_imports_and_every_node_is_listed(comfy):
     client, _, _ = comfy
     assert "IMPORT FAILED" not in client.get("/internal/logs")
