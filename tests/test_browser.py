@@ -1,6 +1,6 @@
 """The shipped UI workflows in the real ComfyUI frontend (headless Debian Chromium via Playwright):
 no missing node types, no node with errors, convertible to API format; a screenshot per workflow
-is saved under tests/artifacts/ (and docs/preview-workflow.png for the README)."""
+is saved under tests/artifacts/."""
 import json
 import shutil
 from pathlib import Path
