@@ -46,7 +46,8 @@ def load_audio(path: str | Path) -> tuple[torch.Tensor, int]:
     import av
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"audio file {path} not found; give the path of a wav/mp3/flac/m4a/ogg file")
+        what = "is a folder" if path.is_dir() else "not found"
+        raise InputError(f"audio file {path} {what}; give the path of a wav/mp3/flac/m4a/ogg file")
     chunks, rate = [], None
     try:
         with av.open(str(path)) as container:

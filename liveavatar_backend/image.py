@@ -41,7 +41,8 @@ def load_portrait(path: str | os.PathLike) -> Image.Image:
     code ignores the tag and would animate a sideways face). Transparency is composited on white,
     16-bit grayscale is scaled to 8 bits, CMYK and palette images are converted."""
     if not os.path.isfile(path):
-        raise InputError(f"image {os.fspath(path)!r}: no such file; check the path")
+        what = "is a folder; give the portrait file in it" if os.path.isdir(path) else "no such file; check the path"
+        raise InputError(f"image {os.fspath(path)!r}: {what}")
     try:
         with Image.open(path) as opened:
             rgb = to_rgb(ImageOps.exif_transpose(opened))

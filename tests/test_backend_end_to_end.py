@@ -128,6 +128,8 @@ def test_bad_inputs_fail_clearly(engine, tiny, tmp_path):
         engine.prepare(portrait, voice, "  ", size="384*256", num_clips=1, steps=2, seed=0)
     with pytest.raises(InputError, match="audio"):
         engine.prepare(portrait, torch.zeros(10), "a person", size="384*256", num_clips=1, steps=2, seed=0)
+    with pytest.raises(InputError, match="is a folder"):
+        load_audio(tmp_path)
     corrupt = tmp_path / "voice.wav"
     corrupt.write_bytes(b"RIFF\x00\x00\x00\x00WAVEfmt garbage")
     with pytest.raises(InputError, match="voice.wav"):

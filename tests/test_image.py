@@ -227,7 +227,7 @@ def test_example_files_load_in_place():
 def test_missing_file_names_it(tmp_path):
     with pytest.raises(InputError, match="nowhere.png.*no such file"):
         load_portrait(tmp_path / "nowhere.png")
-    with pytest.raises(InputError, match="no such file"):
+    with pytest.raises(InputError, match="is a folder"):
         load_portrait(tmp_path)          # a folder is not an image file
 
 
