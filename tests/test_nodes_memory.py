@@ -62,7 +62,8 @@ def test_the_sampler_makes_room_then_samples(pack, tiny_engine):
     model, loaded = load_a_comfyui_model()
     assert len(loaded) == 1
     voice = {"waveform": torch.randn(1, 1, 16000 * 2) * 0.1, "sample_rate": 16000}
-    output = LiveAvatarSampler.execute(LoadedModel(("tiny",), lambda: tiny_engine), torch.rand(1, 400, 720, 3), voice, "a person", "custom",
+    liveavatar = LoadedModel(("tiny",), lambda: tiny_engine)
+    output = LiveAvatarSampler.execute(liveavatar, torch.rand(1, 400, 720, 3), voice, "a person", "custom",
                                        "256*192", 1, 2, 7)
     assert loaded == [] and model.model is not None   # ComfyUI's model left before the prompt was encoded
     latent = output.result[0]
