@@ -27,8 +27,8 @@ from .lora import read_lora
 from .loading import assemble_dit, dit_config_for, load_dit
 from .memory_modes import memory_mode as memory_mode_by_name
 from .parallel import PipelineWorkers, external_world, parse_devices
-from .memory_budget import (cache_gpu_bytes, check_caches_fit, free_gpu_bytes, free_host_bytes, host_cache_bytes,
-                            sampling_gpu_bytes)
+from .memory_budget import (cache_gpu_bytes, check_caches_fit, check_weights_fit, free_gpu_bytes, free_host_bytes,
+                            host_cache_bytes, sampling_gpu_bytes)
 from .pipeline import BlockSampler, Conditioning, GenerationPlan, ProgressEvent, plan_generation
 from .sizes import parse_size
 from .text import TextEncoder
@@ -127,6 +127,7 @@ class LiveAvatarEngine:
                                                     offload_caches=mode.offload_caches, random=None), report=report)
             workers.start()
         else:
+            check_weights_fit(cfg, mode, device, free_gpu_bytes(device) if on_gpu else free_host_bytes())
             report(f"loading DiT from {spec.dit}" + (f", merging LoRA {spec.lora}" if spec.lora else "")
                    + (", converting to FP8 layer by layer" if mode.fp8_weights else ""))
             dit = assemble_dit(lambda keep: load_dit(spec.dit, device=device, dtype=dtype, cfg=cfg, keep=keep), cfg,

@@ -74,14 +74,18 @@ class FP8Linear(nn.Module):
         return fp8_linear(x, self.weight_fp8, self.weight_scale, self.bias)
 
 
+def converts_to_fp8(name: str, module: nn.Module) -> bool:
+    """Whether `convert_to_fp8` turns this module (named as in `model.named_modules()`) into FP8."""
+    return type(module) is nn.Linear and not any(s in name for s in FP8_SKIPPED)
+
+
 def convert_to_fp8(model: nn.Module, out_dtype: torch.dtype = torch.bfloat16) -> int:
     """Replace every eligible nn.Linear in place; returns the number of parameters now in FP8.
 
     One layer at a time, holding no reference to a replaced layer, so its high-precision weight
     is freed before the next is converted: the peak is the model plus one layer, not 1.5 models."""
     targets = [name for name, child in model.named_modules()
-               if type(child) is nn.Linear and not child.weight.is_meta      # meta: another device's layers
-               and not any(s in name for s in FP8_SKIPPED)]
+               if converts_to_fp8(name, child) and not child.weight.is_meta]     # meta: another device's layers
     converted = 0
     for name in targets:
         parent_name, _, child_name = name.rpartition(".")

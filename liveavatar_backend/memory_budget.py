@@ -1,4 +1,9 @@
-"""What a generation needs in memory, and what is free.
+"""What loading and a generation need in memory, and what is free.
+
+Before it reads any file, a single-device load checks that the DiT's weights fit the device's free
+memory, and otherwise stops naming the memory mode, what it needs and what to choose instead: a raw
+out-of-memory error half-way through a 14B load (or, on the CPU, the system's out-of-memory killer)
+says neither.
 
 Before its first block the sampler checks that the run's caches fit (on the GPU, or in host memory
 where `low_vram` offloads them) and otherwise stops with what it needs, what is free and what to
@@ -11,9 +16,10 @@ import torch
 
 from .constants import BLOCKS_PER_CLIP
 from .errors import InputError
-from .fp8 import FP8_DTYPE
+from .fp8 import FP8_DTYPE, converts_to_fp8
 from .kv_offload import power_of_two_ceil, slab_chunk_counts
-from .memory_modes import MemoryMode
+from .loading import build_empty_dit, dit_parameter_groups
+from .memory_modes import MEMORY_MODES, MemoryMode
 
 # Working memory of one block's forward besides the caches, in bytes per query token: the float32
 # residual stream and its bf16 norm/q/k/v/attention copies (≈ 16 bytes per model dim) and the FFN's
@@ -126,3 +132,50 @@ def check_caches_fit(mode: MemoryMode, plan, device, *, gpu_need: int, gpu_free:
                          f"memory_mode {mode.name!r}, but {host_free / GB:.1f} GB are available. Choose a "
                          "smaller size or fewer steps, close other programs, or keep the caches on a GPU with "
                          "room for them (memory_mode 'balanced', or several GPUs).")
+
+
+def dit_weight_bytes(cfg, *, fp8: bool, dtype: torch.dtype = torch.bfloat16) -> tuple[int, int]:
+    """(bytes the loaded DiT holds, peak bytes while `loading.assemble_dit` builds it) on one device.
+
+    bf16/float32: every parameter in `dtype`. FP8: the linears `fp8.convert_to_fp8` converts in e4m3
+    (one byte each plus a float32 scale), the rest in `dtype`; the model is built one parameter group
+    at a time, so the peak is the groups converted so far plus the next one still in `dtype`."""
+    model = build_empty_dit(cfg)
+    elem = torch.empty((), dtype=dtype).element_size()
+    in_fp8 = {f"{name}.weight" for name, module in model.named_modules() if fp8 and converts_to_fp8(name, module)}
+    sizes = {name: tensor.numel() for name, tensor in model.state_dict().items()}
+    groups = dit_parameter_groups(cfg) if fp8 else [lambda name: True]
+    held = peak = 0
+    for group in groups:
+        names = [name for name in sizes if group(name)]
+        peak = max(peak, held + sum(sizes[name] for name in names) * elem)
+        held += sum(sizes[name] + 4 if name in in_fp8 else sizes[name] * elem for name in names)
+    return held, max(peak, held)
+
+
+def load_device_bytes(cfg, mode: MemoryMode, device) -> int:
+    """Peak memory the DiT takes on its (single) device while it loads (`dit_weight_bytes`): bf16 or,
+    in the FP8 modes, FP8 linears on a GPU; float32 on the CPU. The VAE and wav2vec2 (1.5 GB together
+    at full size) are not counted: a load refused by this estimate surely cannot fit."""
+    on_gpu = torch.device(device).type == "cuda"
+    return dit_weight_bytes(cfg, fp8=mode.fp8_weights and on_gpu, dtype=torch.bfloat16 if on_gpu else torch.float32)[1]
+
+
+def check_weights_fit(cfg, mode: MemoryMode, device, free: int | None) -> None:
+    """An InputError, before any file is read, where loading cannot fit the device (free None: not known)."""
+    need = load_device_bytes(cfg, mode, device)
+    if free is None or need <= free:
+        return
+    on_cpu = torch.device(device).type == "cpu"
+    several = "split the DiT over several GPUs (devices such as 'cuda:0,cuda:1'), or free the GPU of other programs"
+    if on_cpu:
+        fixes = "Run it on a GPU (devices 'auto' or 'cuda:0'), or close other programs"
+    elif not mode.fp8_weights:
+        fp8_need = load_device_bytes(cfg, MEMORY_MODES["balanced"], device)
+        fixes = (f"Choose memory_mode 'balanced' or 'low_vram' (FP8 weights: {fp8_need / GB:.1f} GB; 'low_vram' "
+                 f"also keeps the attention caches in host RAM, for 24 GB cards), {several}")
+    else:
+        fixes = several[0].upper() + several[1:]
+    where = "the CPU (RAM)" if on_cpu else device
+    raise InputError(f"loading the model in memory_mode {mode.name!r} needs {need / GB:.1f} GB on {where} for "
+                     f"the DiT's weights alone, but {free / GB:.1f} GB are free. {fixes}.")

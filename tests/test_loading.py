@@ -11,6 +11,7 @@ from liveavatar_backend.errors import CheckpointError
 from liveavatar_backend.fixtures import tiny_dit, write_sharded_dit
 from liveavatar_backend.fp8 import FP8_SKIPPED, convert_to_fp8
 from liveavatar_backend.loading import assemble_dit, dit_parameter_groups, load_dit
+from liveavatar_backend.memory_budget import dit_weight_bytes
 from liveavatar_backend.lora import expected_lora_modules, merge_lora, read_lora, write_tiny_lora
 from liveavatar_backend.pipeline_schedule import stage_layers
 from liveavatar_backend.stage import stage_parameters
@@ -65,6 +66,18 @@ def test_fp8_assembly_holds_one_group_in_high_precision_at_a_time(checkpoint):
     model = assemble_dit(make_part, cfg, fp8=True, lora=read_lora(lora_path), lora_path=lora_path)
     assert len(high_precision) > cfg.num_layers and all(ref() is None for ref in high_precision)
     assert not _high_precision_linears(model)
+
+
+@pytest.mark.parametrize("fp8", [True, False])
+def test_the_weight_estimate_is_what_the_assembled_model_holds(checkpoint, fp8):
+    """`memory_budget.dit_weight_bytes`, which refuses loads that cannot fit, counts what loading makes."""
+    folder, lora_path, cfg = checkpoint
+    model = assemble_dit(lambda keep: load_dit(folder, cfg=cfg, keep=keep, dtype=torch.float32), cfg, fp8=fp8,
+                         lora=read_lora(lora_path), lora_path=lora_path, out_dtype=torch.float32)
+    held = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    assert dit_weight_bytes(cfg, fp8=fp8, dtype=torch.float32)[0] == held
+    if fp8:
+        assert held < 0.8 * dit_weight_bytes(cfg, fp8=False, dtype=torch.float32)[0]     # linears at 1 byte, not 4
 
 
 @pytest.mark.parametrize("fp8", [True, False])

@@ -1,6 +1,7 @@
-"""What a generation needs in memory: the caches exactly as the banks allocate them, the estimate of
-sampling's whole GPU share against measured peaks, and the refusal, before the first block, of a
-run whose caches cannot fit, after which the model still samples."""
+"""What loading and a generation need in memory: the DiT's weights in each format and the refusal,
+before any file is read, of a load that cannot fit; the caches exactly as the banks allocate them,
+the estimate of sampling's whole GPU share against measured peaks, and the refusal, before the
+first block, of a run whose caches cannot fit, after which the model still samples."""
 import pytest
 import torch
 
@@ -8,7 +9,8 @@ from liveavatar_backend import memory_budget
 from liveavatar_backend.config import DiTConfig
 from liveavatar_backend.errors import InputError
 from liveavatar_backend.kv_offload import PINNED_SLAB_BYTES, power_of_two_ceil, slab_chunk_counts
-from liveavatar_backend.memory_budget import cache_gpu_bytes, check_caches_fit, host_cache_bytes, sampling_gpu_bytes
+from liveavatar_backend.memory_budget import (cache_gpu_bytes, check_caches_fit, check_weights_fit, dit_weight_bytes,
+                                             host_cache_bytes, sampling_gpu_bytes)
 from liveavatar_backend.memory_modes import MEMORY_MODES
 from liveavatar_backend.pipeline import BlockSampler, GenerationPlan
 
@@ -20,6 +22,53 @@ FP8_WEIGHTS = 17.0 * GB          # e4m3 linears plus the bf16 rest (engine load,
 TEXT_KV = 2 * FULL.num_layers * FULL.text_len * FULL.dim * 2
 H100_USABLE = 79.18 * 2 ** 30 - 0.6 * GB    # the card's memory less a CUDA context
 OTHER_MODELS = 1.3 * GB          # VAE, wav2vec2 and the prompt's text keys/values
+
+
+def test_the_14b_weights_in_each_format():
+    bf16, bf16_peak = dit_weight_bytes(FULL, fp8=False)
+    assert bf16 == bf16_peak == 2 * 16_295_755_609             # the manifest's parameters, 2 bytes each
+    assert dit_weight_bytes(FULL, fp8=False, dtype=torch.float32)[0] == 2 * bf16
+    fp8, fp8_peak = dit_weight_bytes(FULL, fp8=True)
+    assert fp8 == pytest.approx(16.65 * GB, abs=0.01 * GB)
+    # built one group at a time: at most one block in bf16 on top; 17.4 GB was measured with the VAE
+    # beside it (H200, 2026-12-03, PERFORMANCE.md)
+    assert fp8 + 0.3 * GB < fp8_peak < 17.2 * GB
+
+
+@pytest.mark.parametrize("mode,free_gb,loads", [
+    ("quality", 78.5, True), ("quality", 32.0, False), ("balanced", 23.0, True), ("low_vram", 16.5, False),
+])
+def test_which_loads_a_card_refuses_before_reading_a_file(mode, free_gb, loads):
+    if loads:
+        check_weights_fit(FULL, MEMORY_MODES[mode], "cuda:0", free_gb * GB)
+    else:
+        with pytest.raises(InputError, match=rf"memory_mode '{mode}' needs .* GB on cuda:0 .* {free_gb} GB are free"):
+            check_weights_fit(FULL, MEMORY_MODES[mode], "cuda:0", free_gb * GB)
+    check_weights_fit(FULL, MEMORY_MODES[mode], "cuda:0", None)       # free memory not known: no refusal
+
+
+def test_a_refused_load_says_what_to_choose():
+    with pytest.raises(InputError, match=r"'quality' needs 32.6 GB on cuda:0 for the DiT's weights alone, but 23.0 "
+                                         r"GB are free. Choose memory_mode 'balanced' or 'low_vram' \(FP8 weights: "
+                                         r"17.0 GB.*several GPUs"):
+        check_weights_fit(FULL, MEMORY_MODES["quality"], "cuda:0", 23.0 * GB)
+    with pytest.raises(InputError, match=r"'balanced' needs 17.0 GB on cuda:0 .* Split the DiT over several GPUs"):
+        check_weights_fit(FULL, MEMORY_MODES["balanced"], "cuda:0", 12.0 * GB)
+    with pytest.raises(InputError, match=r"needs 65.2 GB on the CPU \(RAM\) .* Run it on a GPU"):
+        check_weights_fit(FULL, MEMORY_MODES["balanced"], "cpu", 30.0 * GB)     # float32, nothing in FP8
+
+
+def test_a_load_that_cannot_fit_fails_before_any_file_is_read(tiny_models, monkeypatch):
+    from liveavatar_backend import engine as engine_module
+    from liveavatar_backend.engine import LiveAvatarEngine, ModelSpec
+    spec = ModelSpec.from_folder(tiny_models / "Wan2.2-S2V-14B", lora=tiny_models / "liveavatar.safetensors")
+    reads = []
+    monkeypatch.setattr(engine_module, "load_dit", lambda *args, **kwargs: reads.append("dit"))
+    monkeypatch.setattr(engine_module, "_load_encoders_and_vae", lambda *args: reads.append("encoders"))
+    monkeypatch.setattr(engine_module, "free_host_bytes", lambda: 1000)
+    with pytest.raises(InputError, match=r"memory_mode 'quality' needs 0.0 GB on the CPU \(RAM\)"):
+        LiveAvatarEngine.load(spec, device="cpu")
+    assert reads == []
 
 
 def plan(size: tuple[int, int], steps: int) -> GenerationPlan:
