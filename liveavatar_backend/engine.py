@@ -112,8 +112,7 @@ class LiveAvatarEngine:
         mode = memory_mode_by_name(memory_mode)
         devices = parse_devices(device)
         sharded = len(devices) > 1 or external_world(devices) > 0
-        # the encoders and the VAE live on the first device (with torchrun workers: this host's GPU)
-        device = ("cuda" if torch.cuda.is_available() else "cpu") if external_world(devices) else devices[0]
+        device = home_device(devices)
         on_gpu = torch.device(device).type == "cuda"
         if mode.fp8_attention:
             _check_fp8_attention(sharded, torch.device(device))
@@ -144,8 +143,6 @@ class LiveAvatarEngine:
                 report(f"torch.compile is off ({why_not}): eager PyTorch, ≈1.5x slower (README, Troubleshooting)")
             if compile_ok and dit is not None:
                 block_ops.enable_compile()    # one graph per function for all layers (PERFORMANCE.md)
-            if compile_ok and not mode.offload_caches:
-                vae.enable_compile()          # 0.55x the VAE's time; low_vram keeps the smaller eager peak
             graphs_blocked = capture_blocked() if on_gpu and dit is not None and not mode.offload_caches else None
             if graphs_blocked:
                 report(f"CUDA graphs are off: {graphs_blocked} (README, Troubleshooting)")
@@ -261,10 +258,44 @@ def _load_encoders_and_vae(spec: ModelSpec, mode, device: str, dtype: torch.dtyp
     if on_gpu and not mode.offload_caches:
         for tensor in _weights_of(text.model):      # page-locked: the per-prompt copy runs at full bus speed
             tensor.data = tensor.data.pin_memory()
-    vae = WanVAE.load(spec.vae, device, dtype)
-    vae.autotune_convs = on_gpu and not mode.offload_caches     # low_vram: no trial workspaces under its cap
+    vae = _load_vae(spec, mode, device, dtype)
     audio = AudioFeatureExtractor.load(spec.audio_encoder, encoder_device, torch.float32)
     return text, vae, audio
+
+
+def _load_vae(spec: ModelSpec, mode, device: str, dtype: torch.dtype) -> WanVAE:
+    on_gpu = torch.device(device).type == "cuda"
+    vae = WanVAE.load(spec.vae, device, dtype)
+    vae.autotune_convs = on_gpu and not mode.offload_caches     # low_vram: no trial workspaces under its cap
+    if on_gpu and not mode.offload_caches and block_ops.compile_supported()[0]:
+        vae.enable_compile()          # 0.55x the VAE's time; low_vram keeps the smaller eager peak
+    return vae
+
+
+def home_device(devices: list[str]) -> str:
+    """Where the encoders and the VAE live: the first device (with torchrun workers: this host's GPU)."""
+    return ("cuda" if torch.cuda.is_available() else "cpu") if external_world(devices) else devices[0]
+
+
+class DecoderOnly:
+    """The VAE alone, set up as `LiveAvatarEngine.load` sets it up: clips sampled earlier decode
+    without loading the 14B DiT and the encoders again (the VAE is 0.25 GB)."""
+
+    def __init__(self, vae: WanVAE):
+        self.vae = vae
+
+    @classmethod
+    def load(cls, spec: ModelSpec, device: str = "cuda", *, memory_mode: str = "quality") -> "DecoderOnly":
+        """`device` and `memory_mode` as for `LiveAvatarEngine.load` (several devices: the first one)."""
+        if not Path(spec.vae).exists():
+            raise CheckpointError(f"{spec.vae}: not found (vae); see README 'Model files'")
+        device = home_device(parse_devices(device))
+        dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+        return cls(_load_vae(spec, memory_mode_by_name(memory_mode), device, dtype))
+
+    def decoder(self, warm_up: torch.Tensor) -> ClipDecoder:
+        """As `LiveAvatarEngine.decoder`."""
+        return ClipDecoder(self.vae, warm_up.to(self.vae.device))
 
 
 def _check_fp8_attention(sharded: bool, device: torch.device) -> None:

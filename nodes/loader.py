@@ -11,44 +11,70 @@ from comfy_api.latest import io
 
 import comfy.model_management as mm
 
-from ..liveavatar_backend.engine import LiveAvatarEngine, ModelSpec
+from ..liveavatar_backend.clip_decoder import ClipDecoder
+from ..liveavatar_backend.engine import DecoderOnly, LiveAvatarEngine, ModelSpec, home_device
 from ..liveavatar_backend.memory_modes import MEMORY_MODES
 from ..liveavatar_backend.parallel import external_world, parse_devices
 from . import paths
 
 log = logging.getLogger("liveavatar")
 LiveAvatarModel = io.Custom("LIVEAVATAR_MODEL")
+# What a decode asks ComfyUI to free on the VAE's device: the VAE (0.25 GB) and the compiled decoder's
+# working memory, 4.8-5.0 GB at 704*384 (PERFORMANCE.md, "the Wan VAE"), with room to spare.
+DECODE_ROOM_BYTES = 6 * 10 ** 9
+
 
 class LoadedModel:
     """What a LIVEAVATAR_MODEL carries: the engine, which ComfyUI may unload ("Unload Models", "Free
     model and node cache", an out-of-memory error, --disable-smart-memory) and which loads itself
     again, from the same files, the next time a node uses it. One model set is loaded at a time
-    (14B does not fit twice): loading one unloads whichever other handle holds its engine."""
+    (14B does not fit twice): loading one unloads whichever other handle holds its engine.
 
-    def __init__(self, key: tuple, load: Callable[[], LiveAvatarEngine]):
+    The decoders need only the VAE: while the engine is unloaded they load the VAE alone (0.25 GB)
+    instead of the whole set (17-33 GB), e.g. when only a decode setting changed after an unload."""
+
+    def __init__(self, key: tuple, load: Callable[[], LiveAvatarEngine],
+                 load_decoder: Callable[[], DecoderOnly] | None = None):
         self.key = key
         self._load = load
+        self._load_decoder = load_decoder
         self._engine: LiveAvatarEngine | None = None
+        self._decoder_only: DecoderOnly | None = None
 
     @property
     def loaded(self) -> bool:
         return self._engine is not None
 
     def engine(self) -> LiveAvatarEngine:
-        global _current
         if self._engine is None:
-            if _current is not self:
-                unload_current()
-                _current = self
+            self._make_current()
+            self._decoder_only = None               # the engine brings its own VAE
             self._engine = self._load()
         return self._engine
 
+    def decoder(self, warm_up: torch.Tensor) -> ClipDecoder:
+        """A streaming decoder primed with `warm_up`: the engine's VAE if it is loaded, else the VAE alone."""
+        if self._engine is not None or self._load_decoder is None:
+            return self.engine().decoder(warm_up)
+        if self._decoder_only is None:
+            self._make_current()
+            self._decoder_only = self._load_decoder()
+        return self._decoder_only.decoder(warm_up)
+
+    def _make_current(self) -> None:
+        global _current
+        if _current is not self:
+            unload_current()
+            _current = self
+
     def unload(self) -> None:
-        engine, self._engine = self._engine, None
-        if engine is None:
+        engine, decoder_only = self._engine, self._decoder_only
+        self._engine = self._decoder_only = None
+        if engine is None and decoder_only is None:
             return
-        engine.close()                              # ends the pipeline workers of a sharded model
-        del engine
+        if engine is not None:
+            engine.close()                          # ends the pipeline workers of a sharded model
+        del engine, decoder_only
         gc.collect()
         mm.soft_empty_cache()
         log.info("Live Avatar model unloaded; it loads again when a node next uses it")
@@ -57,13 +83,14 @@ class LoadedModel:
 _current: LoadedModel | None = None                  # the handle whose engine may be loaded
 
 
-def current_model(key: tuple, load: Callable[[], LiveAvatarEngine]) -> LoadedModel:
+def current_model(key: tuple, load: Callable[[], LiveAvatarEngine],
+                  load_decoder: Callable[[], DecoderOnly] | None = None) -> LoadedModel:
     """The model set for `key`: the one kept if the key matches, else a new one (the old one unloaded,
     before the new one reads any file)."""
     global _current
     if _current is None or _current.key != key:
         unload_current()
-        _current = LoadedModel(key, load)
+        _current = LoadedModel(key, load, load_decoder)
     return _current
 
 
@@ -159,29 +186,41 @@ class LiveAvatarModelLoader(io.ComfyNode):
     @classmethod
     def execute(cls, checkpoint, lora, memory_mode, devices, text_encoder, vae, audio_encoder) -> io.NodeOutput:
         settings = (checkpoint, lora, memory_mode, devices, text_encoder, vae, audio_encoder)
-        model = current_model(settings, lambda: _load_engine(*settings))
+        model = current_model(settings, lambda: _load_engine(*settings), lambda: _load_decoder_only(*settings))
         model.engine()                          # loads now (or again), so that a bad file fails at this node
         return io.NodeOutput(model)
 
 
-def _load_engine(checkpoint, lora, memory_mode, devices, text_encoder, vae, audio_encoder) -> LiveAvatarEngine:
-    """The engine for the loader's settings, after ComfyUI's own models have left its devices."""
+def _spec(checkpoint, lora, text_encoder, vae, audio_encoder) -> ModelSpec:
     folder = paths.resolve_checkpoint(checkpoint)
     overrides = {name: p for name, p in (
         ("text_encoder", paths.resolve_component("text_encoders", text_encoder)),
         ("vae", paths.resolve_component("vae", vae)),
         ("audio_encoder", paths.resolve_component("audio_encoders", audio_encoder))) if p is not None}
     if folder.is_dir():
-        spec = ModelSpec.from_folder(folder, lora=paths.resolve_lora(lora), **overrides)
-    else:
-        missing = [n for n in ("text_encoder", "vae", "audio_encoder") if n not in overrides]
-        if missing:
-            raise ValueError(f"{', '.join(missing)}: the checkpoint {checkpoint!r} is a single file, so pick "
-                             "the matching files (umt5_xxl, wan_2.1_vae, wav2vec2_large_english) explicitly")
-        spec = ModelSpec.single_files(folder, lora=paths.resolve_lora(lora), **overrides)
+        return ModelSpec.from_folder(folder, lora=paths.resolve_lora(lora), **overrides)
+    missing = [n for n in ("text_encoder", "vae", "audio_encoder") if n not in overrides]
+    if missing:
+        raise ValueError(f"{', '.join(missing)}: the checkpoint {checkpoint!r} is a single file, so pick "
+                         "the matching files (umt5_xxl, wan_2.1_vae, wav2vec2_large_english) explicitly")
+    return ModelSpec.single_files(folder, lora=paths.resolve_lora(lora), **overrides)
+
+
+def _load_engine(checkpoint, lora, memory_mode, devices, text_encoder, vae, audio_encoder) -> LiveAvatarEngine:
+    """The engine for the loader's settings, after ComfyUI's own models have left its devices."""
+    spec = _spec(checkpoint, lora, text_encoder, vae, audio_encoder)
     device = _devices(devices)
     names = parse_devices(device)
     if not external_world(names):        # 17-33 GB of weights, then the caches: all of ComfyUI's models go
         for name in names:
             make_room(name, float("inf"))
     return LiveAvatarEngine.load(spec, device=device, memory_mode=memory_mode, report=log.info)
+
+
+def _load_decoder_only(checkpoint, lora, memory_mode, devices, text_encoder, vae, audio_encoder) -> DecoderOnly:
+    """The loader's VAE alone, with room for decoding made on its device."""
+    spec = _spec(checkpoint, lora, text_encoder, vae, audio_encoder)
+    device = home_device(parse_devices(_devices(devices)))
+    make_room(device, DECODE_ROOM_BYTES)
+    log.info(f"loading the VAE alone from {spec.vae} to decode (the rest loads when the sampler runs)")
+    return DecoderOnly.load(spec, device=device, memory_mode=memory_mode)

@@ -101,6 +101,44 @@ def test_comfyuis_unload_models_frees_the_model_and_the_next_node_loads_it_again
     loader.unload_current()
 
 
+def test_after_an_unload_the_decoders_load_the_vae_alone(pack, tiny_models, tmp_path):
+    """Decoding clips sampled before ComfyUI unloaded the model reads the VAE alone, not the whole set,
+    with the same frames; the sampler then loads the whole set again."""
+    import comfy.model_management as mm
+    from liveavatar_pack.liveavatar_backend.engine import DecoderOnly, LiveAvatarEngine, ModelSpec
+    from liveavatar_pack.liveavatar_backend.errors import CheckpointError
+    from liveavatar_pack.nodes import loader
+    from liveavatar_pack.nodes.decode import LiveAvatarVAEDecodeClips
+    from liveavatar_pack.nodes.sampler import LiveAvatarSampler
+    spec = ModelSpec.from_folder(tiny_models / "Wan2.2-S2V-14B", lora=tiny_models / "liveavatar.safetensors")
+    loads = []
+
+    def load():
+        loads.append("everything")
+        return LiveAvatarEngine.load(spec, device="cpu")
+
+    def load_decoder():
+        loads.append("vae")
+        return DecoderOnly.load(spec, device="cpu")
+
+    model = loader.current_model(("tiny", "decode test"), load, load_decoder)
+    voice = {"waveform": torch.randn(1, 1, 16000 * 2) * 0.1, "sample_rate": 16000}
+    args = (torch.rand(1, 400, 720, 3), voice, "a person", "custom", "256*192", 1, 2, 7)
+    clips = LiveAvatarSampler.execute(model, *args).result[0]
+    frames = LiveAvatarVAEDecodeClips.execute(model, clips).result[0]
+    mm.unload_all_models()
+    again = LiveAvatarVAEDecodeClips.execute(model, clips).result[0]
+    assert loads == ["everything", "vae"] and not model.loaded
+    assert frames.shape[0] == 45 and torch.equal(again, frames)
+    LiveAvatarVAEDecodeClips.execute(model, clips)                # the VAE stays loaded for the next decode
+    LiveAvatarSampler.execute(model, *args)
+    assert loads == ["everything", "vae", "everything"] and model.loaded
+    loader.unload_current()
+    missing = ModelSpec.from_folder(tiny_models / "Wan2.2-S2V-14B", vae=tmp_path / "Wan2.1_VAE.pth")
+    with pytest.raises(CheckpointError, match=r"Wan2.1_VAE.pth: not found \(vae\)"):
+        DecoderOnly.load(missing, device="cpu")
+
+
 def test_a_failing_unload_is_logged_and_comfyui_still_unloads_its_models(pack, caplog):
     import comfy.model_management as mm
     from liveavatar_pack.nodes import loader
