@@ -15,6 +15,7 @@ through a render would leave its causal caches half-updated and the render lost.
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +24,7 @@ import torch
 
 from . import constants as C
 from .errors import InputError
+from .kv_offload import ALLOCATOR_ENV_VARS
 from .memory_budget import free_gpu_bytes
 
 DECODE_PLACEMENTS = ("auto", "alongside", "after")
@@ -40,10 +42,16 @@ ALLOCATOR_SETTINGS = "expandable_segments:True"
 
 def prefer_expandable_segments() -> None:
     """In a process of our own (the command line, bench_render.py), before CUDA's first allocation:
-    expandable segments, unless the allocator is configured already. The older variable name is the
-    one measured (torch 2.11 reads it and warns that PYTORCH_ALLOC_CONF is the new name)."""
-    if "PYTORCH_ALLOC_CONF" not in os.environ:
-        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", ALLOCATOR_SETTINGS)
+    expandable segments, unless the allocator is configured already (under either name). Torch ≥ 2.9
+    reads PYTORCH_ALLOC_CONF and warns about the older PYTORCH_CUDA_ALLOC_CONF, which older torch reads."""
+    if any(name in os.environ for name in ALLOCATOR_ENV_VARS):
+        return
+    os.environ[allocator_env_var(torch.__version__)] = ALLOCATOR_SETTINGS
+
+
+def allocator_env_var(torch_version: str) -> str:
+    major, minor = (int(part) for part in re.match(r"(\d+)\.(\d+)", torch_version).groups())
+    return "PYTORCH_ALLOC_CONF" if (major, minor) >= (2, 9) else "PYTORCH_CUDA_ALLOC_CONF"
 
 
 class LatentSpill:

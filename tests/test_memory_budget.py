@@ -71,6 +71,28 @@ def test_a_load_that_cannot_fit_fails_before_any_file_is_read(tiny_models, monke
     assert reads == []
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_a_gpu_capped_like_a_24_gb_card_quality_is_refused_and_fp8_goes_on_to_read(tmp_path):
+    """The real free memory of a GPU under a 23 GB cap: 14B in bf16 is refused before any file is read
+    (the files here are empty: reading one fails differently), the FP8 modes pass on to reading."""
+    from liveavatar_backend.engine import LiveAvatarEngine, ModelSpec
+    from liveavatar_backend.errors import CheckpointError
+    names = ("wan2.2_s2v_14B_bf16.safetensors", "umt5_xxl_fp16.safetensors", "wan_2.1_vae.safetensors",
+             "wav2vec2_large_english.safetensors")
+    for name in names:
+        (tmp_path / name).write_bytes(b"")
+    spec = ModelSpec.single_files(tmp_path / names[0], text_encoder=tmp_path / names[1],
+                                  vae=tmp_path / names[2], audio_encoder=tmp_path / names[3])
+    torch.cuda.set_per_process_memory_fraction(23 * GB / torch.cuda.mem_get_info(0)[1], 0)
+    try:
+        with pytest.raises(InputError, match=r"'quality' needs 32.6 GB on cuda:0 .* but 2[0-3].\d GB are free"):
+            LiveAvatarEngine.load(spec, device="cuda:0", memory_mode="quality")
+        with pytest.raises(CheckpointError, match="wan2.2_s2v_14B_bf16.safetensors: not a readable safetensors"):
+            LiveAvatarEngine.load(spec, device="cuda:0", memory_mode="balanced")
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, 0)
+
+
 def plan(size: tuple[int, int], steps: int) -> GenerationPlan:
     return GenerationPlan(size[1], size[0], num_clips=2, steps=steps, seed=0)
 

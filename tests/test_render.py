@@ -1,6 +1,9 @@
 """Where the command line decodes: alongside sampling where the decoder fits beside the DiT's caches,
 after it (latents parked on disk) where it does not; both give the same frames."""
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -110,14 +113,33 @@ def test_on_the_gpu_auto_measures_the_decoder_and_streams_where_it_fits(tmp_path
 
 
 def test_own_processes_prefer_expandable_segments_unless_told_otherwise(monkeypatch):
-    from liveavatar_backend.render import ALLOCATOR_SETTINGS, prefer_expandable_segments
+    from liveavatar_backend.render import ALLOCATOR_SETTINGS, allocator_env_var, prefer_expandable_segments
+    assert allocator_env_var("2.11.0+cu130") == allocator_env_var("2.9.1") == "PYTORCH_ALLOC_CONF"
+    assert allocator_env_var("2.8.0") == allocator_env_var("2.4.1+cpu") == "PYTORCH_CUDA_ALLOC_CONF"
+    ours = allocator_env_var(torch.__version__)          # the name this torch reads without a warning
     monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
     monkeypatch.setenv("PYTORCH_ALLOC_CONF", "garbage_collection_threshold:0.8")   # torch ≥ 2.9's name
     prefer_expandable_segments()
     assert "PYTORCH_CUDA_ALLOC_CONF" not in os.environ
+    assert os.environ["PYTORCH_ALLOC_CONF"] == "garbage_collection_threshold:0.8"
     monkeypatch.delenv("PYTORCH_ALLOC_CONF")
     prefer_expandable_segments()
-    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == ALLOCATOR_SETTINGS == "expandable_segments:True"
+    assert os.environ[ours] == ALLOCATOR_SETTINGS == "expandable_segments:True"
+    monkeypatch.delenv(ours)
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "backend:cudaMallocAsync")
     prefer_expandable_segments()
     assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "backend:cudaMallocAsync"      # the user's choice stands
+    assert "PYTORCH_ALLOC_CONF" not in os.environ
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_a_gpu_the_command_lines_allocator_setting_takes_effect_without_a_warning():
+    from liveavatar_backend.kv_offload import ALLOCATOR_ENV_VARS
+    code = ("from liveavatar_backend.render import prefer_expandable_segments; prefer_expandable_segments(); "
+            "import torch; x = torch.empty(2 ** 20, device='cuda'); "
+            "print([segment.get('is_expandable') for segment in torch.cuda.memory_snapshot()])")
+    env = {name: value for name, value in os.environ.items() if name not in ALLOCATOR_ENV_VARS}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1], timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[True]" and "deprecated" not in done.stderr
