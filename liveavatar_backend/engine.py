@@ -123,7 +123,8 @@ class LiveAvatarEngine:
             report(f"loading DiT layer ranges on {', '.join(devices)}")
             workers = PipelineWorkers(devices, dict(dit=str(spec.dit), lora=spec.lora and str(spec.lora),
                                                     lora_scale=spec.lora_scale, fp8=mode.fp8_weights,
-                                                    offload_caches=mode.offload_caches, random=None), report=report)
+                                                    offload_caches=mode.offload_caches, random=None,
+                                                    memory_mode=mode.name), report=report)
             workers.start()
         else:
             check_weights_fit(cfg, mode, device, free_gpu_bytes(device) if on_gpu else free_host_bytes())

@@ -12,6 +12,8 @@ sampling's whole GPU share to decide where the VAE decodes (render.py).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from .constants import BLOCKS_PER_CLIP
@@ -30,6 +32,9 @@ WORKSPACE_BYTES_PER_TOKEN_DIM = 16
 WORKSPACE_BYTES_PER_TOKEN_FFN = 6
 LIBRARY_WORKSPACE_BYTES = 512 * 2 ** 20   # cuBLAS/cuDNN workspaces, graph static buffers, rounding
 GB = 1e9
+# The compiled Wan VAE decoder, one latent per call: 4.8-5.0 GB peak at 704*384, its 0.25 GB of weights
+# included (H200, docs/PERFORMANCE.md, "the Wan VAE"): about 19 kB per output pixel of a frame.
+DECODE_BYTES_PER_PIXEL = 19_000
 
 
 def cache_gpu_bytes(cfg, plan, *, offload_caches: bool, fp8_attention: bool,
@@ -80,6 +85,11 @@ def sampling_gpu_bytes(cfg, plan, *, offload_caches: bool, fp8_attention: bool,
                                             + WORKSPACE_BYTES_PER_TOKEN_FFN * cfg.ffn_dim)
     return (cache_gpu_bytes(cfg, plan, offload_caches=offload_caches, fp8_attention=fp8_attention, dtype=dtype)
             + workspace + LIBRARY_WORKSPACE_BYTES)
+
+
+def decode_gpu_bytes(height: int, width: int) -> int:
+    """GPU memory decoding frames of height×width takes (the VAE's weights included), estimated."""
+    return DECODE_BYTES_PER_PIXEL * height * width
 
 
 def free_gpu_bytes(device: torch.device) -> int:
@@ -134,16 +144,19 @@ def check_caches_fit(mode: MemoryMode, plan, device, *, gpu_need: int, gpu_free:
                          "room for them (memory_mode 'balanced', or several GPUs).")
 
 
-def dit_weight_bytes(cfg, *, fp8: bool, dtype: torch.dtype = torch.bfloat16) -> tuple[int, int]:
-    """(bytes the loaded DiT holds, peak bytes while `loading.assemble_dit` builds it) on one device.
+def dit_weight_bytes(cfg, *, fp8: bool, dtype: torch.dtype = torch.bfloat16,
+                     keep: Callable[[str], bool] | None = None) -> tuple[int, int]:
+    """(bytes the loaded DiT holds, peak bytes while `loading.assemble_dit` builds it) on one device;
+    `keep`: the parameters of one pipeline stage (as `assemble_dit`'s), else all.
 
     bf16/float32: every parameter in `dtype`. FP8: the linears `fp8.convert_to_fp8` converts in e4m3
     (one byte each plus a float32 scale), the rest in `dtype`; the model is built one parameter group
-    at a time, so the peak is the groups converted so far plus the next one still in `dtype`."""
+    at a time, so the peak is the groups converted so far plus the next one still in `dtype`. The
+    temporaries of the one linear being merged or converted are not counted: a lower bound."""
     model = build_empty_dit(cfg)
     elem = torch.empty((), dtype=dtype).element_size()
     in_fp8 = {f"{name}.weight" for name, module in model.named_modules() if fp8 and converts_to_fp8(name, module)}
-    sizes = {name: tensor.numel() for name, tensor in model.state_dict().items()}
+    sizes = {name: tensor.numel() for name, tensor in model.state_dict().items() if keep is None or keep(name)}
     groups = dit_parameter_groups(cfg) if fp8 else [lambda name: True]
     held = peak = 0
     for group in groups:
@@ -153,29 +166,34 @@ def dit_weight_bytes(cfg, *, fp8: bool, dtype: torch.dtype = torch.bfloat16) -> 
     return held, max(peak, held)
 
 
-def load_device_bytes(cfg, mode: MemoryMode, device) -> int:
-    """Peak memory the DiT takes on its (single) device while it loads (`dit_weight_bytes`): bf16 or,
-    in the FP8 modes, FP8 linears on a GPU; float32 on the CPU. The VAE and wav2vec2 (1.5 GB together
-    at full size) are not counted: a load refused by this estimate surely cannot fit."""
-    on_gpu = torch.device(device).type == "cuda"
-    return dit_weight_bytes(cfg, fp8=mode.fp8_weights and on_gpu, dtype=torch.bfloat16 if on_gpu else torch.float32)[1]
+def load_device_bytes(cfg, mode: MemoryMode, device, keep: Callable[[str], bool] | None = None) -> int:
+    """Peak memory the DiT (or a stage's share, `keep`) takes on its device while it loads
+    (`dit_weight_bytes`): bf16 on a GPU and float32 on the CPU, the linears in FP8 in the FP8 modes.
+    The VAE and wav2vec2 (1.5 GB together at full size) are not counted: a load that this estimate
+    refuses surely cannot fit."""
+    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    return dit_weight_bytes(cfg, fp8=mode.fp8_weights, dtype=dtype, keep=keep)[1]
 
 
-def check_weights_fit(cfg, mode: MemoryMode, device, free: int | None) -> None:
-    """An InputError, before any file is read, where loading cannot fit the device (free None: not known)."""
-    need = load_device_bytes(cfg, mode, device)
+def check_weights_fit(cfg, mode: MemoryMode, device, free: int | None,
+                      keep: Callable[[str], bool] | None = None) -> None:
+    """An InputError, before any file is read, where loading cannot fit the device (free None: not
+    known); `keep`: a pipeline stage's share of the weights."""
+    need = load_device_bytes(cfg, mode, device, keep)
     if free is None or need <= free:
         return
     on_cpu = torch.device(device).type == "cpu"
-    several = "split the DiT over several GPUs (devices such as 'cuda:0,cuda:1'), or free the GPU of other programs"
-    if on_cpu:
-        fixes = "Run it on a GPU (devices 'auto' or 'cuda:0'), or close other programs"
-    elif not mode.fp8_weights:
-        fp8_need = load_device_bytes(cfg, MEMORY_MODES["balanced"], device)
-        fixes = (f"Choose memory_mode 'balanced' or 'low_vram' (FP8 weights: {fp8_need / GB:.1f} GB; 'low_vram' "
-                 f"also keeps the attention caches in host RAM, for 24 GB cards), {several}")
-    else:
-        fixes = several[0].upper() + several[1:]
-    where = "the CPU (RAM)" if on_cpu else device
+    fixes = ["run it on a GPU ('cuda:0')"] if on_cpu else []
+    if not mode.fp8_weights:
+        fp8_need = load_device_bytes(cfg, MEMORY_MODES["balanced"], device, keep)
+        if fp8_need <= free:
+            fixes.append(f"choose memory_mode 'balanced' or 'low_vram' (FP8 weights: {fp8_need / GB:.1f} GB; "
+                         "'low_vram' also keeps the attention caches in host RAM, for 24 GB cards)")
+    if not on_cpu:
+        fixes.append(f"split the DiT over {'more' if keep else 'several'} GPUs (devices such as 'cuda:0,cuda:1')")
+    fixes.append("close other programs" if on_cpu else "free the GPU of other programs")
+    advice = ", ".join(fixes[:-1]) + f" or {fixes[-1]}" if len(fixes) > 1 else fixes[0]
+    where = "the CPU (RAM)" if on_cpu else str(device)
+    what = "the DiT's weights" if keep is None else "its share of the DiT's weights"
     raise InputError(f"loading the model in memory_mode {mode.name!r} needs {need / GB:.1f} GB on {where} for "
-                     f"the DiT's weights alone, but {free / GB:.1f} GB are free. {fixes}.")
+                     f"{what} alone, but {free / GB:.1f} GB are free. {advice[0].upper()}{advice[1:]}.")

@@ -57,6 +57,8 @@ def load_stage_model(load: dict, rank: int, world: int, device: torch.device):
     from .config import DiTConfig
     from .loading import assemble_dit, dit_config_for, load_dit
     from .lora import read_lora
+    from .memory_budget import check_weights_fit, free_gpu_bytes, free_host_bytes
+    from .memory_modes import memory_mode
     from .pipeline_schedule import stage_layers
     from .stage import stage_parameters
 
@@ -74,6 +76,9 @@ def load_stage_model(load: dict, rank: int, world: int, device: torch.device):
             return load_dit(load["dit"], device=device, dtype=dtype, cfg=cfg, keep=wanted)
     layers = stage_layers(cfg.num_layers, world)[rank]
     keep = stage_parameters(cfg, layers, rank == 0, rank == world - 1)
+    if load.get("memory_mode"):                 # a checkpoint's load (benchmarks make random weights)
+        free = free_gpu_bytes(device) if device.type == "cuda" else free_host_bytes()
+        check_weights_fit(cfg, memory_mode(load["memory_mode"]), device, free, keep)
     lora = read_lora(load["lora"]) if load["random"] is None and load["lora"] is not None else None
     dit = assemble_dit(make_part, cfg, fp8=load["fp8"], lora=lora, lora_scale=load["lora_scale"],
                        lora_path=load["lora"], keep=keep, out_dtype=dtype)    # the LoRA checked whole, against every layer

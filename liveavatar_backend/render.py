@@ -15,12 +15,12 @@ through a render would leave its causal caches half-updated and the render lost.
 from __future__ import annotations
 
 import os
-import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch.torch_version import TorchVersion
 
 from . import constants as C
 from .errors import InputError
@@ -42,16 +42,20 @@ ALLOCATOR_SETTINGS = "expandable_segments:True"
 
 def prefer_expandable_segments() -> None:
     """In a process of our own (the command line, bench_render.py), before CUDA's first allocation:
-    expandable segments, unless the allocator is configured already (under either name). Torch ≥ 2.9
-    reads PYTORCH_ALLOC_CONF and warns about the older PYTORCH_CUDA_ALLOC_CONF, which older torch reads."""
+    expandable segments, unless the allocator is configured already (under either name)."""
     if any(name in os.environ for name in ALLOCATOR_ENV_VARS):
         return
     os.environ[allocator_env_var(torch.__version__)] = ALLOCATOR_SETTINGS
 
 
 def allocator_env_var(torch_version: str) -> str:
-    major, minor = (int(part) for part in re.match(r"(\d+)\.(\d+)", torch_version).groups())
-    return "PYTORCH_ALLOC_CONF" if (major, minor) >= (2, 9) else "PYTORCH_CUDA_ALLOC_CONF"
+    """The variable this torch takes expandable segments from without a deprecation warning. Torch 2.9
+    and 2.10 warn about PYTORCH_CUDA_ALLOC_CONF, but 2.9.1 ignores `expandable_segments` under the new
+    name PYTORCH_ALLOC_CONF (pytorch/pytorch#183387); 2.11 honours it (tests/test_render.py, on an H100)."""
+    try:
+        return "PYTORCH_ALLOC_CONF" if TorchVersion(torch_version) >= (2, 11) else "PYTORCH_CUDA_ALLOC_CONF"
+    except Exception:                    # a version string packaging cannot read: the name every torch reads
+        return "PYTORCH_CUDA_ALLOC_CONF"
 
 
 class LatentSpill:

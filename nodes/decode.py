@@ -48,7 +48,7 @@ class LiveAvatarVAEDecodeClips(io.ComfyNode):
     @classmethod
     def execute(cls, model, clips) -> io.NodeOutput:
         info = clip_info(clips)
-        decoder = model.decoder(info["warm_up"])
+        decoder = model.decoder(info["warm_up"], info["height"], info["width"])
         frames = None
         written = 0
         bar = comfy.utils.ProgressBar(max(1, info.get("num_clips", 1)))
@@ -94,7 +94,7 @@ class LiveAvatarSaveVideo(io.ComfyNode):
         filename = f"{name}_{counter:05}_.mp4"
         path = os.path.join(folder, filename)
         audio = info["audio"]
-        decoder = model.decoder(info["warm_up"])
+        decoder = model.decoder(info["warm_up"], info["height"], info["width"])
         bar = comfy.utils.ProgressBar(info["num_clips"])
         with Mp4Writer(path, width, height, fps=info["fps"],
                        audio=(audio["waveform"][0, 0], audio["sample_rate"]), crf=crf) as writer:

@@ -13,15 +13,13 @@ import comfy.model_management as mm
 
 from ..liveavatar_backend.clip_decoder import ClipDecoder
 from ..liveavatar_backend.engine import DecoderOnly, LiveAvatarEngine, ModelSpec, home_device
+from ..liveavatar_backend.memory_budget import decode_gpu_bytes
 from ..liveavatar_backend.memory_modes import MEMORY_MODES
 from ..liveavatar_backend.parallel import external_world, parse_devices
 from . import paths
 
 log = logging.getLogger("liveavatar")
 LiveAvatarModel = io.Custom("LIVEAVATAR_MODEL")
-# What a decode asks ComfyUI to free on the VAE's device: the VAE (0.25 GB) and the compiled decoder's
-# working memory, 4.8-5.0 GB at 704*384 (PERFORMANCE.md, "the Wan VAE"), with room to spare.
-DECODE_ROOM_BYTES = 6 * 10 ** 9
 
 
 class LoadedModel:
@@ -48,18 +46,24 @@ class LoadedModel:
     def engine(self) -> LiveAvatarEngine:
         if self._engine is None:
             self._make_current()
-            self._decoder_only = None               # the engine brings its own VAE
+            if self._decoder_only is not None:      # the engine brings its own VAE
+                self._decoder_only = None
+                _free_memory()
             self._engine = self._load()
         return self._engine
 
-    def decoder(self, warm_up: torch.Tensor) -> ClipDecoder:
-        """A streaming decoder primed with `warm_up`: the engine's VAE if it is loaded, else the VAE alone."""
+    def decoder(self, warm_up: torch.Tensor, height: int, width: int) -> ClipDecoder:
+        """A streaming decoder for frames of height×width, primed with `warm_up`: the engine's VAE if it
+        is loaded, else the VAE alone; ComfyUI's own models make room for the decode first."""
         if self._engine is not None or self._load_decoder is None:
-            return self.engine().decoder(warm_up)
-        if self._decoder_only is None:
-            self._make_current()
-            self._decoder_only = self._load_decoder()
-        return self._decoder_only.decoder(warm_up)
+            source = self.engine()
+        else:
+            if self._decoder_only is None:
+                self._make_current()
+                self._decoder_only = self._load_decoder()
+            source = self._decoder_only
+        make_room(source.vae.device, decode_gpu_bytes(height, width))
+        return source.decoder(warm_up)
 
     def _make_current(self) -> None:
         global _current
@@ -75,9 +79,14 @@ class LoadedModel:
         if engine is not None:
             engine.close()                          # ends the pipeline workers of a sharded model
         del engine, decoder_only
-        gc.collect()
-        mm.soft_empty_cache()
+        _free_memory()
         log.info("Live Avatar model unloaded; it loads again when a node next uses it")
+
+
+def _free_memory() -> None:
+    """Hand the memory of what was just dropped back (reference cycles included) to the device."""
+    gc.collect()
+    mm.soft_empty_cache()
 
 
 _current: LoadedModel | None = None                  # the handle whose engine may be loaded
@@ -218,9 +227,8 @@ def _load_engine(checkpoint, lora, memory_mode, devices, text_encoder, vae, audi
 
 
 def _load_decoder_only(checkpoint, lora, memory_mode, devices, text_encoder, vae, audio_encoder) -> DecoderOnly:
-    """The loader's VAE alone, with room for decoding made on its device."""
+    """The loader's VAE alone, on the device the engine would put it on."""
     spec = _spec(checkpoint, lora, text_encoder, vae, audio_encoder)
     device = home_device(parse_devices(_devices(devices)))
-    make_room(device, DECODE_ROOM_BYTES)
     log.info(f"loading the VAE alone from {spec.vae} to decode (the rest loads when the sampler runs)")
     return DecoderOnly.load(spec, device=device, memory_mode=memory_mode)

@@ -70,12 +70,20 @@ def test_fp8_assembly_holds_one_group_in_high_precision_at_a_time(checkpoint):
 
 @pytest.mark.parametrize("fp8", [True, False])
 def test_the_weight_estimate_is_what_the_assembled_model_holds(checkpoint, fp8):
-    """`memory_budget.dit_weight_bytes`, which refuses loads that cannot fit, counts what loading makes."""
+    """`memory_budget.dit_weight_bytes`, which refuses loads that cannot fit, counts what loading makes:
+    what the model holds, and the most it held while a group was read."""
     folder, lora_path, cfg = checkpoint
-    model = assemble_dit(lambda keep: load_dit(folder, cfg=cfg, keep=keep, dtype=torch.float32), cfg, fp8=fp8,
-                         lora=read_lora(lora_path), lora_path=lora_path, out_dtype=torch.float32)
+    parts, live = [], []
+
+    def make_part(keep):              # what the device holds when a group has been read
+        parts.append(load_dit(folder, cfg=cfg, keep=keep, dtype=torch.float32))
+        tensors = {t.data_ptr(): t for part in parts for t in part.state_dict().values() if not t.is_meta}
+        live.append(sum(t.numel() * t.element_size() for t in tensors.values()))
+        return parts[-1]
+    model = assemble_dit(make_part, cfg, fp8=fp8, lora=read_lora(lora_path), lora_path=lora_path,
+                         out_dtype=torch.float32)
     held = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    assert dit_weight_bytes(cfg, fp8=fp8, dtype=torch.float32)[0] == held
+    assert dit_weight_bytes(cfg, fp8=fp8, dtype=torch.float32) == (held, max(live + [held]))
     if fp8:
         assert held < 0.8 * dit_weight_bytes(cfg, fp8=False, dtype=torch.float32)[0]     # linears at 1 byte, not 4
 

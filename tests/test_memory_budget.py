@@ -54,8 +54,42 @@ def test_a_refused_load_says_what_to_choose():
         check_weights_fit(FULL, MEMORY_MODES["quality"], "cuda:0", 23.0 * GB)
     with pytest.raises(InputError, match=r"'balanced' needs 17.0 GB on cuda:0 .* Split the DiT over several GPUs"):
         check_weights_fit(FULL, MEMORY_MODES["balanced"], "cuda:0", 12.0 * GB)
-    with pytest.raises(InputError, match=r"needs 65.2 GB on the CPU \(RAM\) .* Run it on a GPU"):
-        check_weights_fit(FULL, MEMORY_MODES["balanced"], "cpu", 30.0 * GB)     # float32, nothing in FP8
+    with pytest.raises(InputError, match=r"'quality' needs 65.2 GB on the CPU \(RAM\) .* but 30.0 GB are free. "
+                                         r"Run it on a GPU .* choose memory_mode 'balanced' or 'low_vram' \(FP8 "
+                                         r"weights: 18.4 GB"):
+        check_weights_fit(FULL, MEMORY_MODES["quality"], "cpu", 30.0 * GB)      # float32, or FP8 linears
+    with pytest.raises(InputError, match=r"'balanced' needs 18.4 GB on the CPU \(RAM\) .* Run it on a GPU "
+                                         r"\('cuda:0'\) or close other programs\.$"):
+        check_weights_fit(FULL, MEMORY_MODES["balanced"], "cpu", 10.0 * GB)
+    with pytest.raises(InputError, match=r"12.0 GB are free. Split the DiT over several GPUs .* or free the GPU of "
+                                         r"other programs\.$"):                  # FP8 would not fit either
+        check_weights_fit(FULL, MEMORY_MODES["quality"], "cuda:0", 12.0 * GB)
+
+
+def test_each_gpu_of_a_split_model_checks_its_own_share(tiny_models, monkeypatch):
+    from liveavatar_backend import engine as engine_module
+    from liveavatar_backend.engine import LiveAvatarEngine, ModelSpec
+    from liveavatar_backend.pipeline_schedule import stage_layers
+    from liveavatar_backend.stage import stage_parameters
+    first = stage_parameters(FULL, stage_layers(FULL.num_layers, 2)[0], True, False)
+    share = dit_weight_bytes(FULL, fp8=False, keep=first)[0]
+    assert 0.45 < share / BF16_WEIGHTS < 0.55
+    with pytest.raises(InputError, match=r"'quality' needs 16.\d GB on cuda:0 for its share of the DiT's weights "
+                                         r"alone, but 12.0 GB are free. Choose memory_mode 'balanced' .* "
+                                         r"split the DiT over more GPUs"):
+        check_weights_fit(FULL, MEMORY_MODES["quality"], "cuda:0", 12.0 * GB, first)
+    check_weights_fit(FULL, MEMORY_MODES["quality"], "cuda:0", 17.0 * GB, first)    # what one card would refuse
+    started = []                       # the workers are told the mode, so that each checks its share
+
+    class Workers:
+        def __init__(self, devices, load, report):
+            started.append(load)
+            raise InputError("stop here")
+    monkeypatch.setattr(engine_module, "PipelineWorkers", Workers)
+    spec = ModelSpec.from_folder(tiny_models / "Wan2.2-S2V-14B")
+    with pytest.raises(InputError, match="stop here"):
+        LiveAvatarEngine.load(spec, device="cpu,cpu", memory_mode="balanced")
+    assert started[0]["memory_mode"] == "balanced" and started[0]["fp8"]
 
 
 def test_a_load_that_cannot_fit_fails_before_any_file_is_read(tiny_models, monkeypatch):

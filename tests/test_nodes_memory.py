@@ -101,9 +101,9 @@ def test_comfyuis_unload_models_frees_the_model_and_the_next_node_loads_it_again
     loader.unload_current()
 
 
-def test_after_an_unload_the_decoders_load_the_vae_alone(pack, tiny_models, tmp_path):
+def test_after_an_unload_the_decoders_load_the_vae_alone(pack, tiny_models, tmp_path, monkeypatch):
     """Decoding clips sampled before ComfyUI unloaded the model reads the VAE alone, not the whole set,
-    with the same frames; the sampler then loads the whole set again."""
+    with the same frames, after asking ComfyUI for room; the sampler then loads the whole set again."""
     import comfy.model_management as mm
     from liveavatar_pack.liveavatar_backend.engine import DecoderOnly, LiveAvatarEngine, ModelSpec
     from liveavatar_pack.liveavatar_backend.errors import CheckpointError
@@ -127,7 +127,11 @@ def test_after_an_unload_the_decoders_load_the_vae_alone(pack, tiny_models, tmp_
     clips = LiveAvatarSampler.execute(model, *args).result[0]
     frames = LiveAvatarVAEDecodeClips.execute(model, clips).result[0]
     mm.unload_all_models()
+    comfy_model, comfy_loaded = load_a_comfyui_model()
+    rooms = []
+    monkeypatch.setattr(loader, "decode_gpu_bytes", lambda height, width: rooms.append((height, width)) or 1e30)
     again = LiveAvatarVAEDecodeClips.execute(model, clips).result[0]
+    assert rooms == [(192, 256)] and comfy_loaded == []         # ComfyUI's model made room for the decode
     assert loads == ["everything", "vae"] and not model.loaded
     assert frames.shape[0] == 45 and torch.equal(again, frames)
     LiveAvatarVAEDecodeClips.execute(model, clips)                # the VAE stays loaded for the next decode
