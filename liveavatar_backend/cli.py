@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from .errors import CheckpointError, GenerationInterrupted, InputError
-from .memory_modes import MEMORY_MODES
+from .memory_modes import AUTO, MEMORY_MODE_CHOICES
 from .render import DECODE_PLACEMENTS
 
 
@@ -94,8 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=420)
     gen.add_argument("--device", default="cuda", help="cuda, cuda:N, cpu; a list of GPUs (cuda:0,cuda:1) splits "
                                                       "the DiT over them; external:N waits for N torchrun workers")
-    gen.add_argument("--memory-mode", default="quality", choices=list(MEMORY_MODES),
-                     help="quality (bf16), balanced (FP8 weights), fast (FP8 weights and attention), low_vram")
+    gen.add_argument("--memory-mode", default=AUTO, choices=MEMORY_MODE_CHOICES,
+                     help="quality (bf16), balanced (FP8 weights), fast (FP8 weights and attention), low_vram; "
+                          "auto (default): quality where the GPU has 49 GB free, balanced from 33 GB, else low_vram")
     gen.add_argument("--decode", default="auto", choices=DECODE_PLACEMENTS,
                      help="where the VAE decode runs: alongside sampling (frames stream out as they render), "
                           "after it (latents wait on disk; for when the decoder does not fit beside the caches), "

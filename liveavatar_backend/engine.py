@@ -25,6 +25,7 @@ from .errors import CheckpointError, InputError
 from .image import preprocess_portrait
 from .lora import read_lora
 from .loading import assemble_dit, dit_config_for, load_dit
+from .memory_modes import AUTO, MemoryMode, resolve_auto
 from .memory_modes import memory_mode as memory_mode_by_name
 from .parallel import PipelineWorkers, external_world, parse_devices
 from .memory_budget import (cache_gpu_bytes, check_caches_fit, check_weights_fit, free_gpu_bytes, free_host_bytes,
@@ -97,7 +98,7 @@ class LiveAvatarEngine:
         self.workers = workers          # the DiT's layer ranges on several devices (then dit is None)
 
     @classmethod
-    def load(cls, spec: ModelSpec, device: str = "cuda", *, memory_mode: str = "quality",
+    def load(cls, spec: ModelSpec, device: str = "cuda", *, memory_mode: str = AUTO,
              report: Callable[[str], None] = log.info) -> "LiveAvatarEngine":
         """Load and check every component; the LoRA is merged before any FP8 conversion.
 
@@ -105,15 +106,16 @@ class LiveAvatarEngine:
         layers over them (one worker process each, see `parallel.py`); 'external:N' waits for N
         workers started by torchrun, on this and other hosts.
 
-        On the GPU the DiT runs in bf16 (FP8 linears in 'balanced'/'low_vram'); on the CPU in float32.
-        The text encoder stays in host memory (see `_encode_prompt`); wav2vec2 (0.6 GB) sits on the
-        GPU except in 'low_vram'."""
+        `memory_mode`: one of `memory_modes.MEMORY_MODES`, or 'auto' (chosen by the free memory of the
+        first GPU, `memory_modes.resolve_auto`). On the GPU the DiT runs in bf16 (FP8 linears in the
+        FP8 modes); on the CPU in float32. The text encoder stays in host memory (see `_encode_prompt`);
+        wav2vec2 (1.3 GB in float32) sits on the GPU except in 'low_vram'."""
         spec.check_files()
-        mode = memory_mode_by_name(memory_mode)
         devices = parse_devices(device)
         sharded = len(devices) > 1 or external_world(devices) > 0
         device = home_device(devices)
         on_gpu = torch.device(device).type == "cuda"
+        mode = _memory_mode(memory_mode, devices, report)
         if mode.fp8_attention:
             _check_fp8_attention(sharded, torch.device(device))
         dtype = torch.bfloat16 if on_gpu else torch.float32
@@ -273,6 +275,18 @@ def _load_vae(spec: ModelSpec, mode, device: str, dtype: torch.dtype) -> WanVAE:
     return vae
 
 
+def _memory_mode(name: str, devices: list[str], report: Callable[[str], None]) -> MemoryMode:
+    """The named mode; 'auto' resolved by the free memory of the first local GPU (`resolve_auto`)."""
+    if name != AUTO:
+        return memory_mode_by_name(name)
+    device = home_device(devices)
+    local_gpu = torch.device(device).type == "cuda" and not external_world(devices)
+    free = free_gpu_bytes(device) if local_gpu else None
+    mode = resolve_auto(free, len(devices))
+    report(f"memory_mode 'auto': {mode.name}" + (f" ({free / 1e9:.1f} GB free on {device})" if free else ""))
+    return mode
+
+
 def home_device(devices: list[str]) -> str:
     """Where the encoders and the VAE live: the first device (with torchrun workers: this host's GPU)."""
     return ("cuda" if torch.cuda.is_available() else "cpu") if external_world(devices) else devices[0]
@@ -286,13 +300,14 @@ class DecoderOnly:
         self.vae = vae
 
     @classmethod
-    def load(cls, spec: ModelSpec, device: str = "cuda", *, memory_mode: str = "quality") -> "DecoderOnly":
+    def load(cls, spec: ModelSpec, device: str = "cuda", *, memory_mode: str = AUTO) -> "DecoderOnly":
         """`device` and `memory_mode` as for `LiveAvatarEngine.load` (several devices: the first one)."""
         if not Path(spec.vae).exists():
             raise CheckpointError(f"{spec.vae}: not found (vae); see README 'Model files'")
-        device = home_device(parse_devices(device))
+        devices = parse_devices(device)
+        device = home_device(devices)
         dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-        return cls(_load_vae(spec, memory_mode_by_name(memory_mode), device, dtype))
+        return cls(_load_vae(spec, _memory_mode(memory_mode, devices, log.info), device, dtype))
 
     def decoder(self, warm_up: torch.Tensor) -> ClipDecoder:
         """As `LiveAvatarEngine.decoder`."""

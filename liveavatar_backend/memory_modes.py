@@ -10,6 +10,10 @@
 `balanced` is the official `--fp8` recipe; `fast` goes beyond it (fp8_attention.py: one GPU,
 Hopper or newer, the cuDNN frontend installed).
 
+`auto` is a choice, not a mode: at load it becomes `quality`, `balanced` or `low_vram` by the free
+memory of the (first) GPU, whichever keeps the most quality while the 384*256 preview still fits
+(`resolve_auto`). It never picks `fast`, whose change to the output is larger.
+
 On the CPU every mode computes in float32 (FP8 is emulated in float32 where a mode asks for it).
 """
 from __future__ import annotations
@@ -40,8 +44,28 @@ MEMORY_MODES = {
 }
 
 
+AUTO = "auto"
+MEMORY_MODE_CHOICES = (AUTO, *MEMORY_MODES)
+# Free memory `auto` asks of a GPU for `quality` and for `balanced`: each mode's measured peak for the
+# 384*256, 3-step preview with the decoder (48.1 and 32.1 GB, 1× H100, 2026-12-05, docs/PERFORMANCE.md)
+# plus 1 GB. Below the second, `low_vram` (19 GB there).
+AUTO_QUALITY_FREE_BYTES = 49 * 10 ** 9
+AUTO_BALANCED_FREE_BYTES = 33 * 10 ** 9
+
+
 def memory_mode(name: str) -> MemoryMode:
     from .errors import InputError
     if name not in MEMORY_MODES:
-        raise InputError(f"memory_mode {name!r}: choose one of {', '.join(MEMORY_MODES)}")
+        raise InputError(f"memory_mode {name!r}: choose one of {', '.join(MEMORY_MODE_CHOICES)}")
     return MEMORY_MODES[name]
+
+
+def resolve_auto(free_bytes: int | None, gpus: int = 1) -> MemoryMode:
+    """What `auto` means where the (first) GPU has `free_bytes` free and the DiT is split over `gpus`
+    GPUs, each holding about 1/gpus of the weights and caches. None (the CPU, or GPUs on other hosts):
+    `quality`."""
+    if free_bytes is None or free_bytes * gpus >= AUTO_QUALITY_FREE_BYTES:
+        return MEMORY_MODES["quality"]
+    if free_bytes * gpus >= AUTO_BALANCED_FREE_BYTES:
+        return MEMORY_MODES["balanced"]
+    return MEMORY_MODES["low_vram"]

@@ -14,7 +14,7 @@ import comfy.model_management as mm
 from ..liveavatar_backend.clip_decoder import ClipDecoder
 from ..liveavatar_backend.engine import DecoderOnly, LiveAvatarEngine, ModelSpec, home_device
 from ..liveavatar_backend.memory_budget import decode_gpu_bytes
-from ..liveavatar_backend.memory_modes import MEMORY_MODES
+from ..liveavatar_backend.memory_modes import AUTO, MEMORY_MODE_CHOICES
 from ..liveavatar_backend.parallel import external_world, parse_devices
 from . import paths
 
@@ -168,12 +168,14 @@ class LiveAvatarModelLoader(io.ComfyNode):
                 io.Combo.Input("lora", options=paths.lora_choices(), default="liveavatar.safetensors",
                                tooltip="The Live Avatar LoRA (liveavatar.safetensors, 4-step distilled). "
                                        "Without it the model is the plain Wan2.2-S2V and needs many steps."),
-                io.Combo.Input("memory_mode", options=list(MEMORY_MODES), default="quality",
-                               tooltip="quality: bf16 weights; balanced: FP8 weights (slight quality change, "
-                                       "half the VRAM); fast: FP8 weights and FP8 attention (one Hopper or "
+                io.Combo.Input("memory_mode", options=list(MEMORY_MODE_CHOICES), default=AUTO,
+                               tooltip="auto: picked at load by the GPU's free memory: quality from 49 GB free, "
+                                       "balanced from 33 GB, else low_vram (the log says which). quality: bf16 "
+                                       "weights; balanced: FP8 weights (a slight quality change; 32 instead of "
+                                       "47 GB at 384*256); fast: FP8 weights and FP8 attention (one Hopper or "
                                        "newer GPU, pip install nvidia-cudnn-frontend; a larger quality change); "
-                                       "low_vram: FP8 + attention caches in host memory. "
-                                       "See the README for the VRAM and speed of each."),
+                                       "low_vram: FP8 + attention caches in host RAM (19 GB at 384*256: 24 GB "
+                                       "cards). See the README for the VRAM and speed of each."),
                 io.String.Input("devices", default="auto",
                                 tooltip="'auto' (ComfyUI's device), 'cpu', 'cuda:N', or several GPUs such as "
                                         "'cuda:0,cuda:1': the DiT's layers are split over them (each holds "

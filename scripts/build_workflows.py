@@ -17,11 +17,16 @@ WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")     # inputs the f
 PROMPT = ("An astronaut in a white spacesuit talks warmly to the camera in front of the American flag. "
           "Soft studio light, natural colours, photographic.")
 NOTE = {
-    "fast_check": "FAST CHECK — 384*256, 5 clips, 2 steps. Does everything load and run? Seconds on a GPU.\n",
-    "standard_preview": "STANDARD PREVIEW — 384*256, 10 clips (≈19 s), 3 steps, 2× bicubic upscale, mp4 with audio.\n",
+    "fast_check": "FAST CHECK — 384*256, up to 5 clips, 2 steps. Does everything load and run? Seconds per clip "
+                  "on a GPU, after loading (and, the first time, compiling for up to 1.5 minutes).\n",
+    "standard_preview": "STANDARD PREVIEW — 384*256, up to 10 clips (≈19 s; fewer where the voice is shorter), "
+                        "3 steps, 2× bicubic upscale, mp4 with audio.\n",
     "final_render": "FINAL RENDER — 704*384, the whole audio, 4 steps (what the LoRA was distilled for); decodes "
                     "clip by clip straight into the mp4, so any length fits in memory.\n",
 }
+MEMORY_NOTE = ("memory_mode 'auto' picks by the GPU's free memory at load: quality (bf16) from 49 GB, balanced "
+               "(FP8) from 33 GB, else low_vram (24 GB cards); the log says which. 704*384 fits 80 GB cards in "
+               "quality or balanced, 48 GB in fast, 24 GB in low_vram (with 46 GB of RAM) (README, VRAM guidance).\n")
 MODELS_NOTE = ("Model files (see README): models/liveavatar/Wan2.2-S2V-14B/ (the Wan-AI/Wan2.2-S2V-14B folder) and "
                "models/liveavatar/liveavatar.safetensors (Quark-Vision/Live-Avatar). Example inputs: "
                "liveavatar_example_portrait.png and liveavatar_example_voice.wav in ComfyUI's input folder "
@@ -32,7 +37,7 @@ def graph(name: str, size: str, clips: int, steps: int, final: bool) -> dict:
     """{id: (class, {input: value or (from_id, slot)})} — the one description both formats come from."""
     nodes = {
         1: ("LiveAvatarModelLoader", {"checkpoint": "Wan2.2-S2V-14B", "lora": "liveavatar.safetensors",
-                                      "memory_mode": "quality", "devices": "auto", "text_encoder": FROM_FOLDER,
+                                      "memory_mode": "auto", "devices": "auto", "text_encoder": FROM_FOLDER,
                                       "vae": FROM_FOLDER, "audio_encoder": FROM_FOLDER}),
         2: ("LiveAvatarLoadPortrait", {"image": "liveavatar_example_portrait.png"}),
         3: ("LiveAvatarLoadAudio16k", {"audio": "liveavatar_example_voice.wav", "start_seconds": 0.0,
@@ -132,7 +137,7 @@ def to_ui(name: str, nodes: dict, info: dict) -> dict:
     note_id = max(nodes) + 1
     ui_nodes.append({"id": note_id, "type": "Note", "pos": [40, -220], "size": [720, 180], "flags": {},
                      "order": len(ui_nodes), "mode": 0, "inputs": [], "outputs": [], "properties": {},
-                     "widgets_values": [NOTE[name] + MODELS_NOTE]})
+                     "widgets_values": [NOTE[name] + MEMORY_NOTE + MODELS_NOTE]})
     return {"last_node_id": note_id, "last_link_id": link_id, "nodes": ui_nodes, "links": links, "groups": [],
             "config": {}, "extra": {"ds": {"scale": 0.8, "offset": [80, 300]}}, "version": 0.4}
 

@@ -92,6 +92,32 @@ def test_each_gpu_of_a_split_model_checks_its_own_share(tiny_models, monkeypatch
     assert started[0]["memory_mode"] == "balanced" and started[0]["fp8"]
 
 
+@pytest.mark.parametrize("free_gb,gpus,expected", [
+    (78.5, 1, "quality"),        # an 80 GB card
+    (46.5, 1, "balanced"),       # 48 GB: quality's preview peaks at 48.1 GB
+    (39.5, 1, "balanced"),       # an A100 40 GB
+    (23.0, 1, "low_vram"),       # a 24 GB card
+    (23.0, 2, "balanced"),       # two of them: 16 GB each (README)
+    (46.5, 2, "quality"),
+    (None, 1, "quality"),        # the CPU, or torchrun workers on other hosts
+])
+def test_auto_keeps_the_most_quality_whose_preview_fits(free_gb, gpus, expected):
+    from liveavatar_backend.memory_modes import resolve_auto
+    assert resolve_auto(None if free_gb is None else free_gb * GB, gpus).name == expected
+
+
+def test_auto_is_resolved_at_load_and_said(tiny_engine, monkeypatch):
+    from liveavatar_backend import engine as engine_module
+    said = []
+    monkeypatch.setattr(engine_module, "free_gpu_bytes", lambda device: 23.5e9)
+    assert engine_module._memory_mode("auto", ["cuda:1"], said.append).name == "low_vram"
+    assert said == ["memory_mode 'auto': low_vram (23.5 GB free on cuda:1)"]
+    assert engine_module._memory_mode("balanced", ["cuda:1"], said.append).name == "balanced" and len(said) == 1
+    assert tiny_engine.mode.name == "quality"                 # the default, 'auto', on the CPU
+    with pytest.raises(InputError, match="memory_mode 'best': choose one of auto, quality, balanced, fast, low_vram"):
+        engine_module._memory_mode("best", ["cpu"], said.append)
+
+
 def test_a_load_that_cannot_fit_fails_before_any_file_is_read(tiny_models, monkeypatch):
     from liveavatar_backend import engine as engine_module
     from liveavatar_backend.engine import LiveAvatarEngine, ModelSpec
