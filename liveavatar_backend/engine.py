@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from . import block_ops, fp8_attention
+from .fp8 import fp8_matmul_unavailable
 from . import constants as C
 from .audio import AudioFeatureExtractor
 from .clip_decoder import ClipDecoder
@@ -25,8 +26,7 @@ from .errors import CheckpointError, InputError
 from .image import preprocess_portrait
 from .lora import read_lora
 from .loading import assemble_dit, dit_config_for, load_dit
-from .memory_modes import AUTO, MemoryMode, resolve_auto
-from .memory_modes import memory_mode as memory_mode_by_name
+from .memory_modes import AUTO, MemoryMode, memory_mode as memory_mode_by_name, resolve_auto
 from .parallel import PipelineWorkers, external_world, parse_devices
 from .memory_budget import (cache_gpu_bytes, check_caches_fit, check_weights_fit, free_gpu_bytes, free_host_bytes,
                             host_cache_bytes, sampling_gpu_bytes)
@@ -129,7 +129,8 @@ class LiveAvatarEngine:
                                                     memory_mode=mode.name), report=report)
             workers.start()
         else:
-            check_weights_fit(cfg, mode, device, free_gpu_bytes(device) if on_gpu else free_host_bytes())
+            check_weights_fit(cfg, mode, device, free_gpu_bytes(device) if on_gpu else free_host_bytes(),
+                              fp8_runs=fp8_matmul_unavailable(device) is None)
             report(f"loading DiT from {spec.dit}" + (f", merging LoRA {spec.lora}" if spec.lora else "")
                    + (", converting to FP8 layer by layer" if mode.fp8_weights else ""))
             dit = assemble_dit(lambda keep: load_dit(spec.dit, device=device, dtype=dtype, cfg=cfg, keep=keep), cfg,
@@ -276,14 +277,21 @@ def _load_vae(spec: ModelSpec, mode, device: str, dtype: torch.dtype) -> WanVAE:
 
 
 def _memory_mode(name: str, devices: list[str], report: Callable[[str], None]) -> MemoryMode:
-    """The named mode; 'auto' resolved by the free memory of the first local GPU (`resolve_auto`)."""
+    """The named mode, refused where its FP8 weights cannot run on a local GPU of `devices`; 'auto'
+    resolved by the free memory of the first local GPU and whether it has FP8 units (`resolve_auto`)."""
+    local_gpus = [] if external_world(devices) else [d for d in devices if torch.device(d).type == "cuda"]
+    no_fp8 = next(filter(None, map(fp8_matmul_unavailable, local_gpus)), None)
     if name != AUTO:
-        return memory_mode_by_name(name)
-    device = home_device(devices)
-    local_gpu = torch.device(device).type == "cuda" and not external_world(devices)
-    free = free_gpu_bytes(device) if local_gpu else None
-    mode = resolve_auto(free, len(devices))
-    report(f"memory_mode 'auto': {mode.name}" + (f" ({free / 1e9:.1f} GB free on {device})" if free else ""))
+        mode = memory_mode_by_name(name)
+        if mode.fp8_weights and no_fp8:
+            raise InputError(f"memory_mode {mode.name!r} keeps the DiT's linears in FP8, but {no_fp8}. Choose "
+                             "'quality' (bf16 weights, 32.6 GB), split over several GPUs if one cannot hold them.")
+        return mode
+    free = free_gpu_bytes(local_gpus[0]) if local_gpus else None
+    mode = resolve_auto(free, len(devices), fp8=no_fp8 is None)
+    why = [f"{free / 1e9:.1f} GB free on {local_gpus[0]}"] if local_gpus else []
+    report(f"memory_mode 'auto': {mode.name}" + (f" ({'; '.join(why + (['no FP8 units'] if no_fp8 else []))})"
+                                                 if why else ""))
     return mode
 
 
@@ -307,7 +315,7 @@ class DecoderOnly:
         devices = parse_devices(device)
         device = home_device(devices)
         dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-        return cls(_load_vae(spec, _memory_mode(memory_mode, devices, log.info), device, dtype))
+        return cls(_load_vae(spec, _memory_mode(memory_mode, devices, lambda message: None), device, dtype))
 
     def decoder(self, warm_up: torch.Tensor) -> ClipDecoder:
         """As `LiveAvatarEngine.decoder`."""

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 FP8_DTYPE = torch.float8_e4m3fn
+FP8_MATMUL_CAPABILITY = (8, 9)                    # torch._scaled_mm's e4m3 GEMMs: Ada, Hopper and newer
 FP8_MAX = 448.0                                   # largest finite e4m3fn value
 # substrings of module names kept in high precision (spec §1.4)
 FP8_SKIPPED = ("text_embedding", "time_embedding", "time_projection", "head.head",
@@ -77,6 +78,18 @@ class FP8Linear(nn.Module):
 def converts_to_fp8(name: str, module: nn.Module) -> bool:
     """Whether `convert_to_fp8` turns this module (named as in `model.named_modules()`) into FP8."""
     return type(module) is nn.Linear and not any(s in name for s in FP8_SKIPPED)
+
+
+def fp8_matmul_unavailable(device) -> str | None:
+    """Why this device cannot multiply FP8 weights (None: it can, or it is the CPU, which emulates)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) >= FP8_MATMUL_CAPABILITY:
+        return None
+    return (f"{torch.cuda.get_device_name(device)} ({device}, compute capability {major}.{minor}) has no FP8 "
+            "matrix units (they need 8.9 or newer: Ada, Hopper, Blackwell)")
 
 
 def convert_to_fp8(model: nn.Module, out_dtype: torch.dtype = torch.bfloat16) -> int:

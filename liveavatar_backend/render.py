@@ -49,9 +49,10 @@ def prefer_expandable_segments() -> None:
 
 
 def allocator_env_var(torch_version: str) -> str:
-    """The variable this torch takes expandable segments from without a deprecation warning. Torch 2.9
-    and 2.10 warn about PYTORCH_CUDA_ALLOC_CONF, but 2.9.1 ignores `expandable_segments` under the new
-    name PYTORCH_ALLOC_CONF (pytorch/pytorch#183387); 2.11 honours it (tests/test_render.py, on an H100)."""
+    """The variable to give this torch expandable segments in. From 2.11 the new name PYTORCH_ALLOC_CONF
+    (honoured, tests/test_render.py on an H100; no deprecation warning). Before, the old name: 2.9 and
+    2.10 warn that it is deprecated, but 2.9.1 ignores `expandable_segments` under the new one
+    (pytorch/pytorch#183387)."""
     try:
         return "PYTORCH_ALLOC_CONF" if TorchVersion(torch_version) >= (2, 11) else "PYTORCH_CUDA_ALLOC_CONF"
     except Exception:                    # a version string packaging cannot read: the name every torch reads

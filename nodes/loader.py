@@ -12,7 +12,7 @@ from comfy_api.latest import io
 import comfy.model_management as mm
 
 from ..liveavatar_backend.clip_decoder import ClipDecoder
-from ..liveavatar_backend.engine import DecoderOnly, LiveAvatarEngine, ModelSpec, home_device
+from ..liveavatar_backend.engine import DecoderOnly, LiveAvatarEngine, ModelSpec
 from ..liveavatar_backend.memory_budget import decode_gpu_bytes
 from ..liveavatar_backend.memory_modes import AUTO, MEMORY_MODE_CHOICES
 from ..liveavatar_backend.parallel import external_world, parse_devices
@@ -231,6 +231,5 @@ def _load_engine(checkpoint, lora, memory_mode, devices, text_encoder, vae, audi
 def _load_decoder_only(checkpoint, lora, memory_mode, devices, text_encoder, vae, audio_encoder) -> DecoderOnly:
     """The loader's VAE alone, on the device the engine would put it on."""
     spec = _spec(checkpoint, lora, text_encoder, vae, audio_encoder)
-    device = home_device(parse_devices(_devices(devices)))
     log.info(f"loading the VAE alone from {spec.vae} to decode (the rest loads when the sampler runs)")
-    return DecoderOnly.load(spec, device=device, memory_mode=memory_mode)
+    return DecoderOnly.load(spec, device=_devices(devices), memory_mode=memory_mode)

@@ -64,6 +64,8 @@ def test_a_refused_load_says_what_to_choose():
     with pytest.raises(InputError, match=r"12.0 GB are free. Split the DiT over several GPUs .* or free the GPU of "
                                          r"other programs\.$"):                  # FP8 would not fit either
         check_weights_fit(FULL, MEMORY_MODES["quality"], "cuda:0", 12.0 * GB)
+    with pytest.raises(InputError, match=r"23.0 GB are free. Split the DiT over several GPUs"):
+        check_weights_fit(FULL, MEMORY_MODES["quality"], "cuda:0", 23.0 * GB, fp8_runs=False)   # an RTX 3090
 
 
 def test_each_gpu_of_a_split_model_checks_its_own_share(tiny_models, monkeypatch):
@@ -110,12 +112,38 @@ def test_auto_is_resolved_at_load_and_said(tiny_engine, monkeypatch):
     from liveavatar_backend import engine as engine_module
     said = []
     monkeypatch.setattr(engine_module, "free_gpu_bytes", lambda device: 23.5e9)
+    monkeypatch.setattr(engine_module, "fp8_matmul_unavailable", lambda device: None)
     assert engine_module._memory_mode("auto", ["cuda:1"], said.append).name == "low_vram"
     assert said == ["memory_mode 'auto': low_vram (23.5 GB free on cuda:1)"]
     assert engine_module._memory_mode("balanced", ["cuda:1"], said.append).name == "balanced" and len(said) == 1
     assert tiny_engine.mode.name == "quality"                 # the default, 'auto', on the CPU
     with pytest.raises(InputError, match="memory_mode 'best': choose one of auto, quality, balanced, fast, low_vram"):
         engine_module._memory_mode("best", ["cpu"], said.append)
+
+
+def test_gpus_without_fp8_units_get_quality_from_auto_and_refuse_fp8_modes(monkeypatch):
+    from liveavatar_backend import engine as engine_module
+    from liveavatar_backend import fp8
+    monkeypatch.setattr(fp8.torch.cuda, "get_device_name", lambda device: "NVIDIA GeForce RTX 3090")
+    monkeypatch.setattr(fp8.torch.cuda, "get_device_capability", lambda device: (8, 6))
+    ampere = fp8.fp8_matmul_unavailable("cuda:0")
+    assert ampere == ("NVIDIA GeForce RTX 3090 (cuda:0, compute capability 8.6) has no FP8 matrix units (they need "
+                      "8.9 or newer: Ada, Hopper, Blackwell)")
+    assert fp8.fp8_matmul_unavailable("cpu") is None              # the CPU emulates FP8 in float32
+    monkeypatch.setattr(fp8.torch.cuda, "get_device_capability", lambda device: (8, 9))
+    assert fp8.fp8_matmul_unavailable("cuda:0") is None           # Ada
+    monkeypatch.setattr(engine_module, "free_gpu_bytes", lambda device: 23.0e9)
+    monkeypatch.setattr(fp8.torch.cuda, "get_device_capability",            # an Ada and an Ampere card
+                        lambda device: (8, 6) if torch.device(device) == torch.device("cuda:1") else (8, 9))
+    said = []
+    assert engine_module._memory_mode("auto", ["cuda:1"], said.append).name == "quality"
+    assert said == ["memory_mode 'auto': quality (23.0 GB free on cuda:1; no FP8 units)"]
+    assert engine_module._memory_mode("auto", ["cuda:0"], said.append).name == "low_vram"
+    for mode in ("balanced", "fast", "low_vram"):                  # on any of the GPUs of a split model
+        with pytest.raises(InputError, match=rf"'{mode}' keeps the DiT's linears in FP8, but NVIDIA GeForce RTX "
+                                             r"3090 \(cuda:1, .* Choose 'quality'"):
+            engine_module._memory_mode(mode, ["cuda:0", "cuda:1"], said.append)
+    assert engine_module._memory_mode("quality", ["cuda:1"], said.append).name == "quality"
 
 
 def test_a_load_that_cannot_fit_fails_before_any_file_is_read(tiny_models, monkeypatch):
