@@ -92,14 +92,17 @@ def to_16k_mono(waveform: torch.Tensor, sample_rate: int) -> torch.Tensor:
     return wave.contiguous()
 
 
-def loudness_normalize(wave: torch.Tensor) -> torch.Tensor:
-    """Scale to LOUDNESS_TARGET_DBFS RMS, never letting a peak exceed PEAK_LIMIT."""
+def loudness_gain(wave: torch.Tensor) -> float:
+    """The factor that brings `wave` to LOUDNESS_TARGET_DBFS RMS, never letting a peak exceed PEAK_LIMIT."""
     rms = wave.pow(2).mean().sqrt().item()
     if rms < 1e-8:
-        return wave
+        return 1.0
     gain = 10 ** (LOUDNESS_TARGET_DBFS / 20) / rms
-    peak = wave.abs().max().item()
-    return wave * min(gain, PEAK_LIMIT / peak)
+    return min(gain, PEAK_LIMIT / wave.abs().max().item())
+
+
+def loudness_normalize(wave: torch.Tensor) -> torch.Tensor:
+    return wave * loudness_gain(wave)
 
 
 # ----------------------------------------------------------------------------- the model

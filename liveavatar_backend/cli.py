@@ -52,7 +52,7 @@ def _generate(args) -> int:
     print(f"{plan.width}x{plan.height}, {plan.num_clips} clips, {plan.num_frames} frames, {plan.steps} steps",
           file=sys.stderr)
     try:
-        with Mp4Writer(args.out, plan.width, plan.height, fps=25, audio=(voice, 16000)) as writer:
+        with Mp4Writer(args.out, plan.width, plan.height, fps=25, audio=(wave, rate)) as writer:   # at its own rate
             render(engine, job, writer.write, decode=args.decode, spill_dir=Path(args.out).resolve().parent,
                    report=_report, progress=tqdm)
     finally:

@@ -45,6 +45,17 @@ def check_output_path(path: str | Path) -> Path:
     return path
 
 
+# The sample rates AAC (ISO 14496-3, the FFmpeg encoder's list) can carry; others are resampled to 48 kHz.
+AAC_SAMPLE_RATES = (96000, 88200, 64000, 48000, 44100, 32000, 24000, 22050, 16000, 12000, 11025, 8000, 7350)
+
+
+def _aac_ready(samples: torch.Tensor, rate: int) -> tuple[torch.Tensor, int]:
+    if int(rate) in AAC_SAMPLE_RATES:
+        return samples, int(rate)
+    import torchaudio
+    return torchaudio.functional.resample(samples.float().reshape(-1), int(rate), 48000), 48000
+
+
 class Mp4Writer:
     def __init__(self, path: str | Path, width: int, height: int, fps: float = 25.0,
                  audio: tuple[torch.Tensor, int] | None = None, crf: int = 19):
@@ -64,6 +75,8 @@ class Mp4Writer:
         self.video.options = {"crf": str(crf)}
         self.audio_stream = None
         if audio is not None:
+            audio = _aac_ready(*audio)
+            self.audio = audio
             self.audio_stream = self.container.add_stream("aac", rate=int(audio[1]))
             self.audio_stream.layout = "mono"
             self.audio_stream.bit_rate = AUDIO_BITRATE

@@ -3,6 +3,9 @@
     {"samples": [1, 16, 12·N, H/8, W/8] float32,          # ComfyUI's Wan video-latent layout
      "liveavatar": {"fps", "num_frames", "audio", "warm_up", "height", "width", "num_clips"}}
 
+`audio` is the voice for the video, at its own sample rate (`soundtrack_of`), cut at the video's end;
+the model itself hears it at 16 kHz.
+
 Long renders: when the latents of the whole run would exceed IN_MEMORY_LIMIT_BYTES, `samples` is a
 file-backed tensor in ComfyUI's temp folder, so the OS pages it out instead of holding hours of
 latents in RAM. The file is unlinked as soon as it is mapped: its space goes back when the tensor does
@@ -10,6 +13,7 @@ latents in RAM. The file is unlinked as soon as it is mapped: its space goes bac
 """
 from __future__ import annotations
 
+import math
 import os
 import uuid
 
@@ -23,6 +27,9 @@ from ..liveavatar_backend import constants as C
 from ..liveavatar_backend.audio import to_16k_mono
 
 IN_MEMORY_LIMIT_BYTES = 1 << 30
+# Where Load Audio 16k keeps the voice at the file's own rate, beside the 16 kHz waveform the model
+# needs: an extra key of the AUDIO dict, which core nodes pass along untouched or drop with the audio.
+SOUNDTRACK_KEY = "liveavatar_soundtrack"
 _WAN_RGB = comfy.latent_formats.Wan21()      # core's latent→RGB preview factors for Wan 2.1 latents
 
 
@@ -37,6 +44,13 @@ def audio_to_16k_mono(audio: dict) -> torch.Tensor:
                          "one channel and sample (load a voice recording with Load Audio or LiveAvatar "
                          "Load Audio 16k)")
     return to_16k_mono(waveform[0].float().mean(dim=0), int(audio["sample_rate"]))
+
+
+def soundtrack_of(audio: dict) -> tuple[torch.Tensor, int]:
+    """(mono waveform [T], sample rate) of the voice to put in the video: the original-rate voice that
+    Load Audio 16k carries along, else the AUDIO itself (core Load Audio: the file's own rate)."""
+    source = audio.get(SOUNDTRACK_KEY) or audio
+    return source["waveform"][0].float().mean(dim=0), int(source["sample_rate"])
 
 
 def latent_preview(latents: torch.Tensor) -> Image.Image:
@@ -76,12 +90,15 @@ class ClipLatents:
         self.samples[0, :, start: start + C.LATENTS_PER_CLIP] = clip.float()
         self.count += 1
 
-    def as_latent(self, voice_16k: torch.Tensor) -> dict:
+    def as_latent(self, soundtrack: tuple[torch.Tensor, int]) -> dict:
+        """The LATENT, with `soundtrack` (mono waveform, rate) cut at the end of the video."""
         plan = self.job.plan
+        waveform, rate = soundtrack
+        waveform = waveform[: math.ceil(plan.num_frames * rate / C.VIDEO_FPS)]
         return {"samples": self.samples,
                 "liveavatar": {"fps": float(C.VIDEO_FPS), "num_frames": plan.num_frames, "num_clips": plan.num_clips,
                                "height": plan.height, "width": plan.width,
-                               "audio": {"waveform": voice_16k[None, None].float(), "sample_rate": C.AUDIO_SAMPLE_RATE},
+                               "audio": {"waveform": waveform[None, None].contiguous(), "sample_rate": rate},
                                "warm_up": self.job.decoder_warm_up.cpu()}}
 
 

@@ -15,8 +15,9 @@ from comfy_api.latest import io
 import folder_paths
 
 from ..liveavatar_backend import constants as C
-from ..liveavatar_backend.audio import load_audio, loudness_normalize, to_16k_mono
+from ..liveavatar_backend.audio import load_audio, loudness_gain, to_16k_mono
 from ..liveavatar_backend.image import load_portrait
+from .clips import SOUNDTRACK_KEY
 
 log = logging.getLogger("liveavatar")
 
@@ -25,6 +26,11 @@ def _input_files(kinds: list[str]) -> list[str]:
     folder = folder_paths.get_input_directory()
     files = [f for f in os.listdir(folder) if os.path.isfile(os.path.join(folder, f))]
     return sorted(folder_paths.filter_files_content_types(files, kinds))
+
+
+def _trimmed(wave: torch.Tensor, rate: int, start_seconds: float, duration_seconds: float) -> torch.Tensor:
+    first = int(start_seconds * rate)
+    return wave[first:] if duration_seconds <= 0 else wave[first: first + int(duration_seconds * rate)]
 
 
 def _file_hash(name: str) -> str:
@@ -76,7 +82,7 @@ class LiveAvatarLoadAudio16k(io.ComfyNode):
             category="LiveAvatar",
             description="Loads a voice recording (wav incl. 32-bit float, mp3, flac, m4a/aac, ogg, or the "
                         "audio of a video), optionally trims and normalises it, and resamples it to the "
-                        "16 kHz mono the model needs.",
+                        "16 kHz mono the model needs. The video keeps the voice at the file's own rate.",
             inputs=[
                 io.Combo.Input("audio", options=_input_files(["audio", "video"]), upload=io.UploadType.audio,
                                tooltip="An audio file in ComfyUI's input folder, or upload one."),
@@ -94,16 +100,17 @@ class LiveAvatarLoadAudio16k(io.ComfyNode):
     @classmethod
     def execute(cls, audio, start_seconds, duration_seconds, normalize_loudness) -> io.NodeOutput:
         waveform, rate = load_audio(folder_paths.get_annotated_filepath(audio))
-        voice = to_16k_mono(waveform, rate)
-        first = int(start_seconds * C.AUDIO_SAMPLE_RATE)
-        last = voice.numel() if duration_seconds <= 0 else first + int(duration_seconds * C.AUDIO_SAMPLE_RATE)
-        voice = voice[first:last]
+        voice, original = (_trimmed(wave, at, start_seconds, duration_seconds)
+                           for wave, at in ((to_16k_mono(waveform, rate), C.AUDIO_SAMPLE_RATE), (waveform, rate)))
         if voice.numel() < C.AUDIO_SAMPLE_RATE // C.VIDEO_FPS:
             raise ValueError(f"audio: {audio!r} has nothing left after trimming (start {start_seconds} s, "
                              f"duration {duration_seconds} s); lower start_seconds")
         if normalize_loudness:
-            voice = loudness_normalize(voice)
+            gain = loudness_gain(voice)
+            voice, original = voice * gain, (original * gain).clamp(-1, 1)
         out = {"waveform": voice[None, None].contiguous(), "sample_rate": C.AUDIO_SAMPLE_RATE}
+        if rate != C.AUDIO_SAMPLE_RATE:           # the video gets the voice at the file's own rate
+            out[SOUNDTRACK_KEY] = {"waveform": original[None, None].contiguous(), "sample_rate": rate}
         return io.NodeOutput(out, voice.numel() / C.AUDIO_SAMPLE_RATE)
 
     @classmethod

@@ -6,7 +6,7 @@ from comfy_api.latest import io
 import comfy.model_management as mm
 import comfy.utils
 
-from .clips import ClipLatents, audio_to_16k_mono, latent_preview
+from .clips import ClipLatents, audio_to_16k_mono, latent_preview, soundtrack_of
 from .loader import LiveAvatarModel, make_room
 
 CUSTOM_SIZE = "custom"
@@ -77,4 +77,4 @@ class LiveAvatarSampler(io.ComfyNode):
                 store.append(clip)
         finally:
             mm.soft_empty_cache()
-        return io.NodeOutput(store.as_latent(voice))
+        return io.NodeOutput(store.as_latent(soundtrack_of(audio)))

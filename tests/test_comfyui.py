@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 NODES = ["LiveAvatarModelLoader", "LiveAvatarLoadPortrait", "LiveAvatarLoadAudio16k", "LiveAvatarSampler",
          "LiveAvatarVAEDecodeClips", "LiveAvatarSaveVideo", "LiveAvatarUpscaleVideo"]
 EXAMPLE_VOICE_CLIPS = 3            # the 5.4 s example voice: int(160 / 57.6) + 1 (spec §3.2)
+EXAMPLE_VOICE_RATE = 22050         # espeak-ng's: the videos keep it (the model hears 16 kHz)
 
 
 def api(name: str) -> dict:
@@ -64,6 +65,7 @@ def test_shipped_workflow_runs_to_an_mp4_with_audio(comfy, name, frames, scale):
     assert len(videos) == 1
     info = probe_mp4(outputs / videos[0]["subfolder"] / videos[0]["filename"])
     assert (info["frames"], info["fps"], info["has_audio"]) == (frames, 25.0, True)
+    assert info["audio_sample_rate"] == EXAMPLE_VOICE_RATE
     assert info["width"] % (64 * scale) == 0 and info["height"] % (64 * scale) == 0
 
 

@@ -143,6 +143,39 @@ def test_after_an_unload_the_decoders_load_the_vae_alone(pack, tiny_models, tmp_
         DecoderOnly.load(missing, device="cpu")
 
 
+def test_the_model_hears_16_khz_and_the_video_keeps_the_voices_own_rate(pack, tiny_engine, tmp_path, monkeypatch):
+    import wave
+
+    import folder_paths
+    from liveavatar_pack.liveavatar_backend.audio import LOUDNESS_TARGET_DBFS
+    from liveavatar_pack.nodes.clips import SOUNDTRACK_KEY, soundtrack_of
+    from liveavatar_pack.nodes.inputs import LiveAvatarLoadAudio16k
+    from liveavatar_pack.nodes.loader import LoadedModel
+    from liveavatar_pack.nodes.sampler import LiveAvatarSampler
+    rate, seconds = 48000, 4
+    tone = (0.05 * torch.sin(torch.arange(rate * seconds) * 2 * torch.pi * 440 / rate) * 32767).to(torch.int16)
+    with wave.open(str(tmp_path / "voice.wav"), "wb") as out:
+        out.setnchannels(1), out.setsampwidth(2), out.setframerate(rate)
+        out.writeframes(tone.numpy().tobytes())
+    monkeypatch.setattr(folder_paths, "get_input_directory", lambda: str(tmp_path))
+    audio, seconds_kept = LiveAvatarLoadAudio16k.execute("voice.wav", 0.5, 3.0, True).result
+    track = audio[SOUNDTRACK_KEY]
+    assert (audio["sample_rate"], audio["waveform"].shape, seconds_kept) == (16000, (1, 1, 48000), 3.0)
+    assert (track["sample_rate"], track["waveform"].shape) == (48000, (1, 1, 144000))
+    loudness = [t["waveform"].pow(2).mean().sqrt().item() for t in (audio, track)]
+    assert loudness[0] == pytest.approx(10 ** (LOUDNESS_TARGET_DBFS / 20), rel=1e-3)     # normalised, both
+    assert loudness[1] == pytest.approx(loudness[0], rel=0.02)
+    core = {"waveform": torch.stack([torch.ones(44100), -torch.ones(44100) / 2])[None], "sample_rate": 44100}
+    mono, core_rate = soundtrack_of(core)                 # core Load Audio: the file's rate, mixed to mono
+    assert core_rate == 44100 and torch.allclose(mono, torch.full((44100,), 0.25))
+    model = LoadedModel(("tiny",), lambda: tiny_engine)
+    clips = LiveAvatarSampler.execute(model, torch.rand(1, 400, 720, 3), audio, "a person", "custom", "256*192",
+                                      1, 2, 7).result[0]
+    sound = clips["liveavatar"]["audio"]                  # one clip: 45 frames, 1.8 s of the 3 s voice
+    assert sound["sample_rate"] == 48000 and sound["waveform"].shape == (1, 1, 45 * 48000 // 25)
+    assert torch.equal(sound["waveform"][0, 0], track["waveform"][0, 0, : 45 * 48000 // 25])
+
+
 def test_a_failing_unload_is_logged_and_comfyui_still_unloads_its_models(pack, caplog):
     import comfy.model_management as mm
     from liveavatar_pack.nodes import loader
