@@ -44,6 +44,7 @@ def test_cli_generates_mp4_with_audio(tiny, tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     info = probe_mp4(out)
     assert (info["frames"], info["fps"], info["has_audio"]) == (48 * 1 - 3, 25.0, True)
+    assert info["audio_sample_rate"] == 24000                    # the voice's own rate (the model hears 16 kHz)
     assert (info["width"], info["height"]) == (384, 256)          # 720×400 portrait, area 384*256
 
 
