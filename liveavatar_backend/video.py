@@ -9,6 +9,7 @@ script muxes with `ffmpeg -shortest`, which also cuts the video at the end of th
 """
 from __future__ import annotations
 
+import json
 import os
 from fractions import Fraction
 from pathlib import Path
@@ -58,7 +59,8 @@ def _aac_ready(samples: torch.Tensor, rate: int) -> tuple[torch.Tensor, int]:
 
 class Mp4Writer:
     def __init__(self, path: str | Path, width: int, height: int, fps: float = 25.0,
-                 audio: tuple[torch.Tensor, int] | None = None, crf: int = 19):
+                 audio: tuple[torch.Tensor, int] | None = None, crf: int = 19, metadata: dict | None = None):
+        """`metadata`: container tags, each value as JSON (as ComfyUI's SaveVideo stores the workflow)."""
         import av
         if width % 2 or height % 2:
             raise InputError(f"video size {width}x{height}: H.264 needs even width and height; "
@@ -67,9 +69,12 @@ class Mp4Writer:
         self.partial = self.path.with_name(f".{self.path.stem}.partial{self.path.suffix or '.mp4'}")
         self.fps, self.audio, self.frames_written, self.audio_written = fps, audio, 0, 0
         try:
-            self.container = av.open(str(self.partial), mode="w", format="mp4")
+            self.container = av.open(str(self.partial), mode="w", format="mp4",
+                                     options={"movflags": "use_metadata_tags"})      # keeps custom tags
         except OSError as exc:
             raise InputError(f"output {self.path}: cannot be written ({exc}); choose another place") from None
+        for key, value in (metadata or {}).items():
+            self.container.metadata[key] = json.dumps(value)
         self.video = self.container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1000))
         self.video.width, self.video.height, self.video.pix_fmt = width, height, "yuv420p"
         self.video.options = {"crf": str(crf)}

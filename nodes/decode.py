@@ -9,6 +9,7 @@ from comfy_api.input_impl import VideoFromFile
 from comfy_api.latest import io, ui
 
 import comfy.model_management as mm
+from comfy.cli_args import args
 import comfy.utils
 import folder_paths
 
@@ -82,6 +83,7 @@ class LiveAvatarSaveVideo(io.ComfyNode):
                              tooltip="H.264 quality: lower is better and bigger (19 ≈ visually lossless)."),
             ],
             outputs=[io.Video.Output(display_name="video")],
+            hidden=[io.Hidden.prompt, io.Hidden.extra_pnginfo],
             is_output_node=True,
         )
 
@@ -96,8 +98,8 @@ class LiveAvatarSaveVideo(io.ComfyNode):
         audio = info["audio"]
         decoder = model.decoder(info["warm_up"], info["height"], info["width"])
         bar = comfy.utils.ProgressBar(info["num_clips"])
-        with Mp4Writer(path, width, height, fps=info["fps"],
-                       audio=(audio["waveform"][0, 0], audio["sample_rate"]), crf=crf) as writer:
+        with Mp4Writer(path, width, height, fps=info["fps"], audio=(audio["waveform"][0, 0], audio["sample_rate"]),
+                       crf=crf, metadata=cls._workflow_metadata()) as writer:
             for index, frames in enumerate(decoded_clips(decoder, clips_of(clips))):
                 if frames.shape[1:3] != (height, width):
                     frames = resize_frames(frames, height, width, method)
@@ -105,3 +107,14 @@ class LiveAvatarSaveVideo(io.ComfyNode):
                 bar.update_absolute(index + 1)
         saved = ui.SavedResult(filename, subfolder, io.FolderType.output)
         return io.NodeOutput(VideoFromFile(path), ui=ui.PreviewVideo([saved]))
+
+    @classmethod
+    def _workflow_metadata(cls) -> dict | None:
+        """The prompt and the workflow, stored as core SaveVideo stores them (the mp4 can be dragged back
+        into ComfyUI), unless ComfyUI runs with --disable-metadata."""
+        if args.disable_metadata:
+            return None
+        metadata = dict(cls.hidden.extra_pnginfo or {})
+        if cls.hidden.prompt is not None:
+            metadata["prompt"] = cls.hidden.prompt
+        return metadata or None

@@ -63,9 +63,13 @@ def test_shipped_workflow_runs_to_an_mp4_with_audio(comfy, name, frames, scale):
     assert client.error_of(entry) is None, client.error_of(entry)
     videos = client.videos_of(entry)
     assert len(videos) == 1
-    info = probe_mp4(outputs / videos[0]["subfolder"] / videos[0]["filename"])
+    path = outputs / videos[0]["subfolder"] / videos[0]["filename"]
+    info = probe_mp4(path)
     assert (info["frames"], info["fps"], info["has_audio"]) == (frames, 25.0, True)
     assert info["audio_sample_rate"] == EXAMPLE_VOICE_RATE
+    import av
+    with av.open(str(path)) as container:          # the prompt rides along, as core SaveVideo stores it
+        assert json.loads(container.metadata["prompt"])["4"]["class_type"] == "LiveAvatarSampler"
     assert info["width"] % (64 * scale) == 0 and info["height"] % (64 * scale) == 0
 
 

@@ -228,10 +228,14 @@ def test_mp4_writer_removes_its_partial_file_on_error(tmp_path):
     info = probe_mp4(out)
     assert (info["frames"], info["fps"], info["has_audio"]) == (93, 25.0, True)
     assert abs(info["duration"] - 93 / 25) < 0.1                        # audio cut at the end of the video
-    with Mp4Writer(out, 64, 48, audio=(torch.zeros(37800 * 2), 37800)) as writer:      # a rate AAC cannot carry
-        writer.write(torch.rand(45, 48, 64, 3))
+    workflow = {"prompt": {"4": {"class_type": "LiveAvatarSampler"}}, "workflow": {"nodes": [], "version": 0.4}}
+    with Mp4Writer(out, 64, 48, audio=(torch.zeros(37800 * 2), 37800), metadata=workflow) as writer:
+        writer.write(torch.rand(45, 48, 64, 3))               # a sample rate AAC cannot carry
     info = probe_mp4(out)
     assert info["audio_sample_rate"] == 48000 and abs(info["duration"] - 45 / 25) < 0.1
+    import av
+    with av.open(str(out)) as container:                     # tags as core SaveVideo writes them
+        assert {key: json.loads(container.metadata[key]) for key in workflow} == workflow
 
 
 def test_mp4_writer_interleaves_the_voice_and_refuses_paths_it_cannot_write(tmp_path, monkeypatch):
