@@ -17,12 +17,12 @@ from pathlib import Path
 import torch
 
 from . import block_ops, fp8_attention
-from .fp8 import fp8_matmul_unavailable
 from . import constants as C
 from .audio import AudioFeatureExtractor
 from .clip_decoder import ClipDecoder
 from .cuda_graphs import capture_blocked
 from .errors import CheckpointError, InputError
+from .fp8 import fp8_matmul_unavailable
 from .image import preprocess_portrait
 from .lora import read_lora
 from .loading import assemble_dit, dit_config_for, load_dit
@@ -289,9 +289,10 @@ def _memory_mode(name: str, devices: list[str], report: Callable[[str], None]) -
         return mode
     free = free_gpu_bytes(local_gpus[0]) if local_gpus else None
     mode = resolve_auto(free, len(devices), fp8=no_fp8 is None)
-    why = [f"{free / 1e9:.1f} GB free on {local_gpus[0]}"] if local_gpus else []
-    report(f"memory_mode 'auto': {mode.name}" + (f" ({'; '.join(why + (['no FP8 units'] if no_fp8 else []))})"
-                                                 if why else ""))
+    details = [f"{free / 1e9:.1f} GB free on {local_gpus[0]}"] if local_gpus else []
+    if no_fp8:
+        details.append("no FP8 units")
+    report(f"memory_mode 'auto': {mode.name}" + (f" ({'; '.join(details)})" if details else ""))
     return mode
 
 

@@ -146,6 +146,25 @@ def test_gpus_without_fp8_units_get_quality_from_auto_and_refuse_fp8_modes(monke
     assert engine_module._memory_mode("quality", ["cuda:1"], said.append).name == "quality"
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_a_gpu_auto_follows_its_free_memory():
+    from liveavatar_backend.engine import _memory_mode
+    from liveavatar_backend.fp8 import fp8_matmul_unavailable
+    fp8_units = torch.cuda.get_device_capability(0) >= (8, 9)
+    assert (fp8_matmul_unavailable("cuda:0") is None) == fp8_units
+    said = []
+    total = torch.cuda.mem_get_info(0)[1]
+    for cap_gb, expected in ((23, "low_vram"), (40, "balanced"), (60, "quality")):
+        if cap_gb * GB > total:
+            continue
+        torch.cuda.set_per_process_memory_fraction(cap_gb * GB / total, 0)
+        try:
+            assert _memory_mode("auto", ["cuda:0"], said.append).name == (expected if fp8_units else "quality")
+        finally:
+            torch.cuda.set_per_process_memory_fraction(1.0, 0)
+    assert said and all(line.startswith("memory_mode 'auto': ") for line in said)
+
+
 def test_a_load_that_cannot_fit_fails_before_any_file_is_read(tiny_models, monkeypatch):
     from liveavatar_backend import engine as engine_module
     from liveavatar_backend.engine import LiveAvatarEngine, ModelSpec
