@@ -42,8 +42,10 @@ class LiveAvatarVAEDecodeClips(io.ComfyNode):
                 LiveAvatarModel.Input("model", tooltip="From Live Avatar Model Loader (its VAE is used)."),
                 io.Latent.Input("clips", tooltip="From Live Avatar Sampler."),
             ],
-            outputs=[io.Image.Output(display_name="images"), io.Audio.Output(display_name="audio"),
-                     io.Float.Output(display_name="fps")],
+            outputs=[io.Image.Output(display_name="images", tooltip="Every frame of the video, in order (48·N − 3)."),
+                     io.Audio.Output(display_name="audio", tooltip="The voice at its own sample rate, cut at the "
+                                                                     "video's end: for Create Video."),
+                     io.Float.Output(display_name="fps", tooltip="25 (the model's frame rate): for Create Video.")],
         )
 
     @classmethod
@@ -82,7 +84,7 @@ class LiveAvatarSaveVideo(io.ComfyNode):
                 io.Int.Input("crf", default=19, min=0, max=51,
                              tooltip="H.264 quality: lower is better and bigger (19 ≈ visually lossless)."),
             ],
-            outputs=[io.Video.Output(display_name="video")],
+            outputs=[io.Video.Output(display_name="video", tooltip="The saved mp4, with the voice.")],
             hidden=[io.Hidden.prompt, io.Hidden.extra_pnginfo],
             is_output_node=True,
         )

@@ -53,7 +53,7 @@ class LiveAvatarLoadPortrait(io.ComfyNode):
             inputs=[io.Combo.Input("image", options=_input_files(["image"]), upload=io.UploadType.image,
                                    tooltip="An image in ComfyUI's input folder, or upload one. A well-lit, "
                                            "front-facing portrait of at least 512 px works best.")],
-            outputs=[io.Image.Output(display_name="portrait")],
+            outputs=[io.Image.Output(display_name="portrait", tooltip="The portrait as RGB, for the sampler.")],
         )
 
     @classmethod
@@ -94,7 +94,9 @@ class LiveAvatarLoadAudio16k(io.ComfyNode):
                                  tooltip="Scale quiet or loud recordings to a common speech level "
                                          "(peak-safe). The official code does not normalise."),
             ],
-            outputs=[io.Audio.Output(display_name="audio"), io.Float.Output(display_name="duration_seconds")],
+            outputs=[io.Audio.Output(display_name="audio", tooltip="The voice at 16 kHz mono, for the sampler (which "
+                                                                   "puts it in the video at the file's own rate)."),
+                     io.Float.Output(display_name="duration_seconds", tooltip="Length of the voice kept, in seconds.")],
         )
 
     @classmethod

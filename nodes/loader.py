@@ -191,7 +191,8 @@ class LiveAvatarModelLoader(io.ComfyNode):
                                tooltip="wav2vec2-large-xlsr-53-english; default: the folder inside the "
                                        "checkpoint folder, or wav2vec2_large_english from models/audio_encoders/."),
             ],
-            outputs=[LiveAvatarModel.Output(display_name="model")],
+            outputs=[LiveAvatarModel.Output(display_name="model", tooltip="The loaded model set, for the sampler "
+                                                                          "and the decoders.")],
         )
 
     @classmethod

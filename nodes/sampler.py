@@ -48,7 +48,8 @@ class LiveAvatarSampler(io.ComfyNode):
                 io.Int.Input("seed", default=420, min=0, max=2 ** 63 - 1, control_after_generate=True,
                              tooltip="Noise seed; the same seed gives the same video."),
             ],
-            outputs=[io.Latent.Output(display_name="clips")],
+            outputs=[io.Latent.Output(display_name="clips", tooltip="The latents of every clip (Wan video layout) "
+                                                                     "with the voice, for the decoders.")],
         )
 
     @classmethod

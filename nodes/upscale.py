@@ -65,7 +65,7 @@ class LiveAvatarUpscaleVideo(io.ComfyNode):
                 io.UpscaleModel.Input("upscale_model", optional=True,
                                       tooltip="Optional core upscale model (Load Upscale Model) applied first."),
             ],
-            outputs=[io.Image.Output(display_name="images")],
+            outputs=[io.Image.Output(display_name="images", tooltip="The frames at the new size.")],
         )
 
     @classmethod

@@ -40,6 +40,7 @@ def test_pack_imports_and_every_node_is_listed(comfy):
         required = info[node]["input"].get("required", {})
         optional = info[node]["input"].get("optional", {})
         assert all(spec[1].get("tooltip") for spec in {**required, **optional}.values()), node
+        assert len(info[node]["output_tooltips"]) == len(info[node]["output"]) and all(info[node]["output_tooltips"])
     loader = info["LiveAvatarModelLoader"]["input"]["required"]
     assert "Wan2.2-S2V-14B" in loader["checkpoint"][1]["options"]
     loras = loader["lora"][1]["options"]
