@@ -26,7 +26,7 @@ from .fp8 import fp8_matmul_unavailable
 from .image import preprocess_portrait
 from .lora import read_lora
 from .loading import assemble_dit, dit_config_for, load_dit
-from .memory_modes import AUTO, MemoryMode, memory_mode as memory_mode_by_name, resolve_auto
+from .memory_modes import AUTO, MEMORY_MODES, MemoryMode, memory_mode as memory_mode_by_name, resolve_auto
 from .parallel import PipelineWorkers, external_world, parse_devices
 from .memory_budget import (cache_gpu_bytes, check_caches_fit, check_weights_fit, free_gpu_bytes, free_host_bytes,
                             host_cache_bytes, sampling_gpu_bytes)
@@ -92,10 +92,11 @@ class Job:
 
 class LiveAvatarEngine:
     def __init__(self, dit, text_encoder, vae, audio_features, device, dtype, spec: ModelSpec, mode,
-                 workers: PipelineWorkers | None = None):
+                 workers: PipelineWorkers | None = None, auto: bool = False):
         self.dit, self.text_encoder, self.vae, self.audio_features = dit, text_encoder, vae, audio_features
         self.device, self.dtype, self.spec, self.mode = torch.device(device), dtype, spec, mode
         self.workers = workers          # the DiT's layer ranges on several devices (then dit is None)
+        self.auto = auto                # the mode came from memory_mode 'auto' (see `run_mode`)
 
     @classmethod
     def load(cls, spec: ModelSpec, device: str = "cuda", *, memory_mode: str = AUTO,
@@ -150,7 +151,7 @@ class LiveAvatarEngine:
             graphs_blocked = capture_blocked() if on_gpu and dit is not None and not mode.offload_caches else None
             if graphs_blocked:
                 report(f"CUDA graphs are off: {graphs_blocked} (README, Troubleshooting)")
-            return cls(dit, text, vae, audio, device, dtype, spec, mode, workers)
+            return cls(dit, text, vae, audio, device, dtype, spec, mode, workers, auto=memory_mode == AUTO)
         except BaseException:
             if workers is not None:           # the DiT's ranks hold their layers: they end with the load
                 workers.close()
@@ -206,22 +207,35 @@ class LiveAvatarEngine:
         """A fresh streaming decoder for one video, primed with the job's warm-up latents."""
         return ClipDecoder(self.vae, warm_up.to(self.device))
 
+    def run_mode(self, plan: GenerationPlan) -> MemoryMode:
+        """The mode a run of `plan` samples in: the engine's, except where 'auto' chose `balanced` and
+        the run's caches cannot fit the GPU: then `low_vram`'s (the same FP8 weights, the caches in
+        host RAM), so that a size beyond the 384*256 preview that 'auto' judged by still runs."""
+        if not (self.auto and self.mode.name == "balanced"):
+            return self.mode
+        need = self._cache_gpu_bytes(plan, self.mode)
+        return self.mode if need is None or need <= free_gpu_bytes(self.device) else MEMORY_MODES["low_vram"]
+
     def sampling_gpu_bytes(self, plan: GenerationPlan) -> int | None:
         """GPU memory a generation adds on this engine's device (caches and working memory), or
         None where it is not estimated: on the CPU, and with the DiT's layers on worker processes
         (the first worker's share may sit on this GPU too; not counted)."""
         if self.workers is not None or self.device.type != "cuda":
             return None
-        return sampling_gpu_bytes(self.dit.cfg, plan, offload_caches=self.mode.offload_caches,
-                                  fp8_attention=self.mode.fp8_attention, dtype=self.dtype)
+        mode = self.run_mode(plan)
+        return sampling_gpu_bytes(self.dit.cfg, plan, offload_caches=mode.offload_caches,
+                                  fp8_attention=mode.fp8_attention, dtype=self.dtype)
 
     def cache_gpu_bytes(self, plan: GenerationPlan) -> int | None:
         """What a generation allocates on this engine's device before its first block (its caches
         and sink keys, exactly), or None where it is not estimated (as `sampling_gpu_bytes`)."""
+        return self._cache_gpu_bytes(plan, self.run_mode(plan))
+
+    def _cache_gpu_bytes(self, plan: GenerationPlan, mode: MemoryMode) -> int | None:
         if self.workers is not None or self.device.type != "cuda":
             return None
-        return cache_gpu_bytes(self.dit.cfg, plan, offload_caches=self.mode.offload_caches,
-                               fp8_attention=self.mode.fp8_attention, dtype=self.dtype)
+        return cache_gpu_bytes(self.dit.cfg, plan, offload_caches=mode.offload_caches,
+                               fp8_attention=mode.fp8_attention, dtype=self.dtype)
 
     def check_fits(self, plan: GenerationPlan) -> None:
         """An InputError naming the size, steps and memory mode, and what to change, where the run's
@@ -230,9 +244,10 @@ class LiveAvatarEngine:
         gpu_need = self.cache_gpu_bytes(plan)
         if gpu_need is None:
             return
-        host_need = host_cache_bytes(self.dit.cfg, plan, offload_caches=self.mode.offload_caches, dtype=self.dtype,
+        mode = self.run_mode(plan)
+        host_need = host_cache_bytes(self.dit.cfg, plan, offload_caches=mode.offload_caches, dtype=self.dtype,
                                      pinned=True)
-        check_caches_fit(self.mode, plan, self.device, gpu_need=gpu_need, gpu_free=free_gpu_bytes(self.device),
+        check_caches_fit(mode, plan, self.device, gpu_need=gpu_need, gpu_free=free_gpu_bytes(self.device),
                          host_need=host_need, host_free=free_host_bytes() if host_need else None)
 
     def sample(self, job: Job, on_progress: Callable[[ProgressEvent], None] | None = None,
@@ -245,9 +260,12 @@ class LiveAvatarEngine:
             return
         self.check_fits(job.plan)
         on_gpu = self.device.type == "cuda"
-        sampler = BlockSampler(self.dit, job.plan, job.cond, offload_caches=self.mode.offload_caches and on_gpu,
-                               cuda_graphs=on_gpu and not self.mode.offload_caches,
-                               fp8_attention=self.mode.fp8_attention)
+        mode = self.run_mode(job.plan) if on_gpu else self.mode
+        if mode is not self.mode:
+            log.info(f"memory_mode 'auto': size {job.plan.width}*{job.plan.height} at {job.plan.steps} steps does "
+                     "not fit 'balanced' on this GPU; its caches go to host RAM, as in 'low_vram'")
+        sampler = BlockSampler(self.dit, job.plan, job.cond, offload_caches=mode.offload_caches and on_gpu,
+                               cuda_graphs=on_gpu and not mode.offload_caches, fp8_attention=mode.fp8_attention)
         for clip in sampler.clips(on_progress=on_progress, should_stop=should_stop):
             yield clip.cpu()
 

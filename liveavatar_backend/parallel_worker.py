@@ -55,9 +55,9 @@ def load_stage_model(load: dict, rank: int, world: int, device: torch.device):
     """The DiT parameters of this rank's layer range: from the checkpoint, or random (benchmarks)."""
     from . import block_ops
     from .config import DiTConfig
+    from .fp8 import fp8_matmul_unavailable
     from .loading import assemble_dit, dit_config_for, load_dit
     from .lora import read_lora
-    from .fp8 import fp8_matmul_unavailable
     from .memory_budget import check_weights_fit, free_gpu_bytes, free_host_bytes
     from .memory_modes import memory_mode
     from .pipeline_schedule import stage_layers

@@ -50,7 +50,8 @@ def check_output_path(path: str | Path) -> Path:
 AAC_SAMPLE_RATES = (96000, 88200, 64000, 48000, 44100, 32000, 24000, 22050, 16000, 12000, 11025, 8000, 7350)
 
 
-def _aac_ready(samples: torch.Tensor, rate: int) -> tuple[torch.Tensor, int]:
+def aac_ready(samples: torch.Tensor, rate: int) -> tuple[torch.Tensor, int]:
+    """(samples, rate) as AAC can carry them: unchanged, or resampled to 48 kHz."""
     if int(rate) in AAC_SAMPLE_RATES:
         return samples, int(rate)
     import torchaudio
@@ -66,6 +67,8 @@ class Mp4Writer:
             raise InputError(f"video size {width}x{height}: H.264 needs even width and height; "
                              "resize to an even size (e.g. with LiveAvatarUpscaleVideo)")
         self.path = check_output_path(path)
+        tags = {key: json.dumps(value) for key, value in (metadata or {}).items()}    # fails before any file
+        audio = None if audio is None else aac_ready(*audio)
         self.partial = self.path.with_name(f".{self.path.stem}.partial{self.path.suffix or '.mp4'}")
         self.fps, self.audio, self.frames_written, self.audio_written = fps, audio, 0, 0
         try:
@@ -73,15 +76,12 @@ class Mp4Writer:
                                      options={"movflags": "use_metadata_tags"})      # keeps custom tags
         except OSError as exc:
             raise InputError(f"output {self.path}: cannot be written ({exc}); choose another place") from None
-        for key, value in (metadata or {}).items():
-            self.container.metadata[key] = json.dumps(value)
+        self.container.metadata.update(tags)
         self.video = self.container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1000))
         self.video.width, self.video.height, self.video.pix_fmt = width, height, "yuv420p"
         self.video.options = {"crf": str(crf)}
         self.audio_stream = None
         if audio is not None:
-            audio = _aac_ready(*audio)
-            self.audio = audio
             self.audio_stream = self.container.add_stream("aac", rate=int(audio[1]))
             self.audio_stream.layout = "mono"
             self.audio_stream.bit_rate = AUDIO_BITRATE

@@ -13,7 +13,6 @@ latents in RAM. The file is unlinked as soon as it is mapped: its space goes bac
 """
 from __future__ import annotations
 
-import math
 import os
 import uuid
 
@@ -25,6 +24,7 @@ import folder_paths
 
 from ..liveavatar_backend import constants as C
 from ..liveavatar_backend.audio import to_16k_mono
+from ..liveavatar_backend.video import aac_ready
 
 IN_MEMORY_LIMIT_BYTES = 1 << 30
 # Where Load Audio 16k keeps the voice at the file's own rate, beside the 16 kHz waveform the model
@@ -43,14 +43,26 @@ def audio_to_16k_mono(audio: dict) -> torch.Tensor:
         raise ValueError(f"audio: the waveform is {shape}; expected [batch, channels, samples] with at least "
                          "one channel and sample (load a voice recording with Load Audio or LiveAvatar "
                          "Load Audio 16k)")
-    return to_16k_mono(waveform[0].float().mean(dim=0), int(audio["sample_rate"]))
+    return to_16k_mono(_mono(audio), int(audio["sample_rate"]))
 
 
 def soundtrack_of(audio: dict) -> tuple[torch.Tensor, int]:
-    """(mono waveform [T], sample rate) of the voice to put in the video: the original-rate voice that
-    Load Audio 16k carries along, else the AUDIO itself (core Load Audio: the file's own rate)."""
-    source = audio.get(SOUNDTRACK_KEY) or audio
-    return source["waveform"][0].float().mean(dim=0), int(source["sample_rate"])
+    """(mono waveform [T], sample rate) of the voice to put in the video, at a rate AAC can carry: the
+    original-rate voice that Load Audio 16k carries along where it still matches the AUDIO's length
+    (a node that edited the waveform but copied the dict would leave a stale one), else the AUDIO
+    itself (core Load Audio: the file's own rate)."""
+    track = audio.get(SOUNDTRACK_KEY)
+    if track is None or abs(_seconds(track) - _seconds(audio)) > 1 / C.VIDEO_FPS:
+        track = audio
+    return aac_ready(_mono(track), int(track["sample_rate"]))
+
+
+def _mono(audio: dict) -> torch.Tensor:
+    return audio["waveform"][0].float().mean(dim=0)
+
+
+def _seconds(audio: dict) -> float:
+    return audio["waveform"].shape[-1] / audio["sample_rate"]
 
 
 def latent_preview(latents: torch.Tensor) -> Image.Image:
@@ -94,7 +106,7 @@ class ClipLatents:
         """The LATENT, with `soundtrack` (mono waveform, rate) cut at the end of the video."""
         plan = self.job.plan
         waveform, rate = soundtrack
-        waveform = waveform[: math.ceil(plan.num_frames * rate / C.VIDEO_FPS)]
+        waveform = waveform[: -(-plan.num_frames * rate // C.VIDEO_FPS)]         # ceil: the last frame's voice
         return {"samples": self.samples,
                 "liveavatar": {"fps": float(C.VIDEO_FPS), "num_frames": plan.num_frames, "num_clips": plan.num_clips,
                                "height": plan.height, "width": plan.width,

@@ -114,9 +114,10 @@ class LiveAvatarSaveVideo(io.ComfyNode):
     def _workflow_metadata(cls) -> dict | None:
         """The prompt and the workflow, stored as core SaveVideo stores them (the mp4 can be dragged back
         into ComfyUI), unless ComfyUI runs with --disable-metadata."""
-        if args.disable_metadata:
+        hidden = getattr(cls, "hidden", None)
+        if args.disable_metadata or hidden is None:
             return None
-        metadata = dict(cls.hidden.extra_pnginfo or {})
-        if cls.hidden.prompt is not None:
-            metadata["prompt"] = cls.hidden.prompt
+        metadata = dict(hidden.extra_pnginfo or {})
+        if hidden.prompt is not None:
+            metadata["prompt"] = hidden.prompt
         return metadata or None

@@ -15,7 +15,7 @@ from comfy_api.latest import io
 import folder_paths
 
 from ..liveavatar_backend import constants as C
-from ..liveavatar_backend.audio import load_audio, loudness_gain, to_16k_mono
+from ..liveavatar_backend.audio import PEAK_LIMIT, load_audio, loudness_gain, to_16k_mono
 from ..liveavatar_backend.image import load_portrait
 from .clips import SOUNDTRACK_KEY
 
@@ -102,14 +102,15 @@ class LiveAvatarLoadAudio16k(io.ComfyNode):
     @classmethod
     def execute(cls, audio, start_seconds, duration_seconds, normalize_loudness) -> io.NodeOutput:
         waveform, rate = load_audio(folder_paths.get_annotated_filepath(audio))
-        voice, original = (_trimmed(wave, at, start_seconds, duration_seconds)
-                           for wave, at in ((to_16k_mono(waveform, rate), C.AUDIO_SAMPLE_RATE), (waveform, rate)))
+        voice = _trimmed(to_16k_mono(waveform, rate), C.AUDIO_SAMPLE_RATE, start_seconds, duration_seconds)
+        original = _trimmed(waveform, rate, start_seconds, duration_seconds)
         if voice.numel() < C.AUDIO_SAMPLE_RATE // C.VIDEO_FPS:
             raise ValueError(f"audio: {audio!r} has nothing left after trimming (start {start_seconds} s, "
                              f"duration {duration_seconds} s); lower start_seconds")
         if normalize_loudness:
-            gain = loudness_gain(voice)
-            voice, original = voice * gain, (original * gain).clamp(-1, 1)
+            # the original keeps what lies above 8 kHz, so its peaks may be higher: one gain safe for both
+            gain = min(loudness_gain(voice), PEAK_LIMIT / max(original.abs().max().item(), 1e-8))
+            voice, original = voice * gain, original * gain
         out = {"waveform": voice[None, None].contiguous(), "sample_rate": C.AUDIO_SAMPLE_RATE}
         if rate != C.AUDIO_SAMPLE_RATE:           # the video gets the voice at the file's own rate
             out[SOUNDTRACK_KEY] = {"waveform": original[None, None].contiguous(), "sample_rate": rate}

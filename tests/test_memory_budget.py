@@ -165,6 +165,24 @@ def test_on_a_gpu_auto_follows_its_free_memory():
     assert said and all(line.startswith("memory_mode 'auto': ") for line in said)
 
 
+def test_auto_moves_balanceds_caches_to_host_ram_for_a_size_that_does_not_fit(tiny_engine, monkeypatch):
+    """'auto' judged by the 384*256 preview; a 704*384 run on a 48 GB card takes low_vram's caches
+    (the same FP8 weights) instead of being refused. A mode chosen by name is kept (and refused)."""
+    from liveavatar_backend import engine as engine_module
+    engine, run = tiny_engine, plan((704, 384), 4)
+    assert engine.run_mode(run) is engine.mode                 # the CPU: nothing to move
+    monkeypatch.setattr(engine, "mode", MEMORY_MODES["balanced"])
+    monkeypatch.setattr(engine, "_cache_gpu_bytes", lambda plan, mode: 2e9 if mode.offload_caches else 48.4e9)
+    monkeypatch.setattr(engine_module, "free_gpu_bytes", lambda device: 29.0e9)    # a 48 GB card, weights loaded
+    assert engine.auto                                        # the fixture loads with the default, 'auto'
+    monkeypatch.setattr(engine, "auto", False)
+    assert engine.run_mode(run).name == "balanced"            # chosen by name
+    monkeypatch.setattr(engine, "auto", True)
+    assert engine.run_mode(run).name == "low_vram" and engine.cache_gpu_bytes(run) == 2e9
+    monkeypatch.setattr(engine_module, "free_gpu_bytes", lambda device: 50.0e9)
+    assert engine.run_mode(run).name == "balanced"            # where it fits, it stays
+
+
 def test_a_load_that_cannot_fit_fails_before_any_file_is_read(tiny_models, monkeypatch):
     from liveavatar_backend import engine as engine_module
     from liveavatar_backend.engine import LiveAvatarEngine, ModelSpec

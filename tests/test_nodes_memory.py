@@ -176,6 +176,31 @@ def test_the_model_hears_16_khz_and_the_video_keeps_the_voices_own_rate(pack, ti
     assert torch.equal(sound["waveform"][0, 0], track["waveform"][0, 0, : 45 * 48000 // 25])
 
 
+def test_the_videos_voice_is_peak_safe_current_and_in_a_rate_aac_carries(pack, tmp_path, monkeypatch):
+    import wave
+
+    import folder_paths
+    from liveavatar_pack.liveavatar_backend.audio import PEAK_LIMIT
+    from liveavatar_pack.nodes.clips import SOUNDTRACK_KEY, soundtrack_of
+    from liveavatar_pack.nodes.inputs import LiveAvatarLoadAudio16k
+    rate = 48000
+    t = torch.arange(rate * 2) / rate        # a quiet voice and a loud 12 kHz tone, which 16 kHz cannot hold
+    signal = 0.02 * torch.sin(2 * torch.pi * 220 * t) + 0.6 * torch.sin(2 * torch.pi * 12000 * t)
+    with wave.open(str(tmp_path / "hiss.wav"), "wb") as out:
+        out.setnchannels(1), out.setsampwidth(2), out.setframerate(rate)
+        out.writeframes((signal * 32767).to(torch.int16).numpy().tobytes())
+    monkeypatch.setattr(folder_paths, "get_input_directory", lambda: str(tmp_path))
+    audio = LiveAvatarLoadAudio16k.execute("hiss.wav", 0.0, 0.0, True).result[0]
+    track = audio[SOUNDTRACK_KEY]["waveform"]
+    assert track.abs().max() == pytest.approx(PEAK_LIMIT, abs=1e-3)       # scaled to the limit, not clipped
+    assert (track.abs() > PEAK_LIMIT + 1e-3).sum() == 0
+    assert soundtrack_of(audio)[1] == 48000
+    edited = {**audio, "waveform": audio["waveform"][..., :16000]}       # a node that cut the voice, copying the dict
+    assert soundtrack_of(edited)[1] == 16000 and soundtrack_of(edited)[0].shape == (16000,)
+    odd = {"waveform": torch.zeros(1, 2, 37800), "sample_rate": 37800}     # a rate AAC cannot carry
+    assert soundtrack_of(odd)[1] == 48000 and soundtrack_of(odd)[0].shape == (48000,)
+
+
 def test_a_failing_unload_is_logged_and_comfyui_still_unloads_its_models(pack, caplog):
     import comfy.model_management as mm
     from liveavatar_pack.nodes import loader
