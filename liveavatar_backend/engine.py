@@ -260,7 +260,7 @@ class LiveAvatarEngine:
             return
         self.check_fits(job.plan)
         on_gpu = self.device.type == "cuda"
-        mode = self.run_mode(job.plan) if on_gpu else self.mode
+        mode = self.run_mode(job.plan)              # the engine's own on the CPU
         if mode is not self.mode:
             log.info(f"memory_mode 'auto': size {job.plan.width}*{job.plan.height} at {job.plan.steps} steps does "
                      "not fit 'balanced' on this GPU; its caches go to host RAM, as in 'low_vram'")
