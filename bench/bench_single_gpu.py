@@ -8,8 +8,9 @@ after all steps, same seed), and prints a table; rows also go to <out>/<device>-
     python bench/bench_single_gpu.py --cases 384*256:3,704*384:4 --modes bf16,bf16-compiled,fp8-compiled
     python bench/bench_single_gpu.py --decode ...     # FPS and TTFF of DiT + VAE decode (issue 4's targets)
 
-Mode names are built from parts: bf16|fp8, -attn8 (FP8 attention over e4m3 caches, memory_mode
-'fast'), -compiled, -graphs (CUDA graphs), -lowvram (caches in host memory).
+Mode names are built from parts: bf16|fp8, -wo (FP8 weights multiplied in bf16, as GPUs without FP8
+matrix units run them), -attn8 (FP8 attention over e4m3 caches, memory_mode 'fast'), -compiled,
+-graphs (CUDA graphs), -lowvram (caches in host memory).
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import ClockSampler, full_size_vae, make_decoder, random_dit, synthetic_conditioning  # noqa: E402
 from floor import step_floor_ms                                      # noqa: E402
 from liveavatar_backend import block_ops                             # noqa: E402
+from liveavatar_backend import fp8 as fp8_module                     # noqa: E402
 from liveavatar_backend import constants as C                        # noqa: E402
 from liveavatar_backend.config import DiTConfig                      # noqa: E402
 from liveavatar_backend.cuda_graphs import capture_blocked           # noqa: E402
@@ -169,10 +171,13 @@ def main() -> None:
     rows, floors, floor_clocks, reference = [], {}, {}, {}
     overlapped = args.decode and args.overlap
     decode_label = "+decode-overlap" if overlapped else "+decode" if args.decode else ""
+    has_fp8_matmul = fp8_module.has_fp8_matmul
     for mode in args.modes.split(","):
         if mode.startswith("fp8") and not hasattr(model.blocks[0].ffn[0], "weight_fp8"):
             convert_to_fp8(model)
             torch.cuda.empty_cache()
+        weight_only = "-wo" in mode                    # as an A100 or an RTX 3090 runs 'balanced'
+        fp8_module.has_fp8_matmul = (lambda device: False) if weight_only else has_fp8_matmul
         compile_s = None
         offload = "lowvram" in mode
         graphs = "graphs" in mode and not offload and capture_blocked() is None   # as BlockSampler decides
@@ -223,7 +228,7 @@ def main() -> None:
             # steady-state clip (captures + the rolling sink's prefill) is what every job pays once,
             # since the graphs belong to the job's caches
             clip1_extra_s = clip_s[1] - statistics.median(clip_s[2:]) if graphs else None
-            fp8 = mode.startswith("fp8")
+            fp8 = mode.startswith("fp8") and not weight_only         # which matmuls the floor times
             if (size, fp8) not in floors:
                 with ClockSampler() as sampler:
                     floors[(size, fp8)] = step_floor_ms(plan.layout, model.cfg, fp8=fp8)["step_ms"]

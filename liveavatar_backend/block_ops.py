@@ -18,19 +18,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fp8 import fp8_linear, fp8_linear_quantized, fp8_linears, quantize_per_tensor, quantize_static
+from .fp8 import (WeightOnlyFP8, fp8_linear, fp8_linear_quantized, fp8_linears, fp8_weights, multiplies_in_fp8,
+                  quantize_per_tensor, quantize_static, weight_only_linear)
 from .layers import gelu_tanh, layer_norm as layer_norm32, rms_norm
 from .rope import apply_rope as rotate
 
 
 def linear_weights(layer: nn.Module) -> tuple:
-    """(weight, bias) of an nn.Linear, or (weight_fp8, inverse_scale, bias) of an FP8Linear."""
+    """(weight, bias) of an nn.Linear; of an FP8Linear (weight_fp8, inverse_scale, bias), or
+    `WeightOnlyFP8` on a GPU without FP8 matrix units (`fp8.fp8_weights`)."""
     if hasattr(layer, "weight_fp8"):
-        return layer.weight_fp8, layer.weight_scale, layer.bias
+        return fp8_weights(layer)
     return layer.weight, layer.bias
 
 
 def linear(x: torch.Tensor, weights: tuple) -> torch.Tensor:
+    if isinstance(weights, WeightOnlyFP8):
+        return weight_only_linear(x, weights)
     if len(weights) == 2:
         return F.linear(x, weights[0], weights[1])
     return fp8_linear(x, *weights)
@@ -38,8 +42,8 @@ def linear(x: torch.Tensor, weights: tuple) -> torch.Tensor:
 
 def linears(x: torch.Tensor, *weights: tuple) -> list[torch.Tensor]:
     """x through several linears of one format; FP8 quantises x once for all of them."""
-    if len(weights[0]) == 2:
-        return [F.linear(x, w, b) for w, b in weights]
+    if not multiplies_in_fp8(weights[0]):
+        return [linear(x, w) for w in weights]
     return fp8_linears(x, list(weights))
 
 
@@ -74,9 +78,9 @@ def attention_output(attn_out, o, dtype):
     (e4m3 output, its inverse scale), which is already the projection's FP8 input."""
     if isinstance(attn_out, tuple):
         out8, inverse = attn_out
-        if len(o) == 3:
+        if multiplies_in_fp8(o):
             return fp8_linear_quantized(out8.transpose(1, 2).flatten(2), inverse, *o, out_dtype=dtype)
-        attn_out = (out8.float() * inverse).to(dtype)                  # bf16 weights: dequantise first
+        attn_out = (out8.float() * inverse).to(dtype)                  # bf16 multiplies: dequantise first
     return linear(attn_out.transpose(1, 2).flatten(2), o)
 
 
@@ -101,7 +105,7 @@ def finish_block(x, attn_out, e0, modulation, o, norm3_weight, norm3_bias, cross
     # layer and step against 69 + 69 (H200). bf16 writes it once, a memory-bound pass where tanh
     # took 56-60 µs and the σ form 75-79 µs in default builds. Eager, the σ form would be ~9 separate
     # kernels (18x slower than F.gelu), so it is only used while compiling.
-    fused_sigmoid = len(ffn_out) == 3 and torch.compiler.is_compiling()
+    fused_sigmoid = multiplies_in_fp8(ffn_out) and torch.compiler.is_compiling()
     hidden = gelu_tanh(pre) if fused_sigmoid else F.gelu(pre, approximate="tanh")
     x32 = x32 + linear(hidden, ffn_out).float() * mod[5]
     return x32.to(dtype)

@@ -130,8 +130,7 @@ class LiveAvatarEngine:
                                                     memory_mode=mode.name), report=report)
             workers.start()
         else:
-            check_weights_fit(cfg, mode, device, free_gpu_bytes(device) if on_gpu else free_host_bytes(),
-                              fp8_runs=fp8_matmul_unavailable(device) is None)
+            check_weights_fit(cfg, mode, device, free_gpu_bytes(device) if on_gpu else free_host_bytes())
             report(f"loading DiT from {spec.dit}" + (f", merging LoRA {spec.lora}" if spec.lora else "")
                    + (", converting to FP8 layer by layer" if mode.fp8_weights else ""))
             dit = assemble_dit(lambda keep: load_dit(spec.dit, device=device, dtype=dtype, cfg=cfg, keep=keep), cfg,
@@ -295,22 +294,22 @@ def _load_vae(spec: ModelSpec, mode, device: str, dtype: torch.dtype) -> WanVAE:
 
 
 def _memory_mode(name: str, devices: list[str], report: Callable[[str], None]) -> MemoryMode:
-    """The named mode, refused where its FP8 weights cannot run on a local GPU of `devices`; 'auto'
-    resolved by the free memory of the first local GPU and whether it has FP8 units (`resolve_auto`)."""
+    """The named mode, or 'auto' resolved by the free memory of the first local GPU (`resolve_auto`).
+    Where a local GPU of `devices` has no FP8 matrix units, the FP8 modes keep their e4m3 weights and
+    multiply them in bf16 (`fp8.WeightOnlyFP8`), which the report says ('fast' is refused later, by
+    `_check_fp8_attention`)."""
     local_gpus = [] if external_world(devices) else [d for d in devices if torch.device(d).type == "cuda"]
-    no_fp8 = next(filter(None, map(fp8_matmul_unavailable, local_gpus)), None)
-    if name != AUTO:
+    if name == AUTO:
+        free = free_gpu_bytes(local_gpus[0]) if local_gpus else None
+        mode = resolve_auto(free, len(devices))
+        report(f"memory_mode 'auto': {mode.name}" + (f" ({free / 1e9:.1f} GB free on {local_gpus[0]})"
+                                                      if local_gpus else ""))
+    else:
         mode = memory_mode_by_name(name)
-        if mode.fp8_weights and no_fp8:
-            raise InputError(f"memory_mode {mode.name!r} keeps the DiT's linears in FP8, but {no_fp8}. Choose "
-                             "'quality' (bf16 weights, 32.6 GB), split over several GPUs if one cannot hold them.")
-        return mode
-    free = free_gpu_bytes(local_gpus[0]) if local_gpus else None
-    mode = resolve_auto(free, len(devices), fp8=no_fp8 is None)
-    details = [f"{free / 1e9:.1f} GB free on {local_gpus[0]}"] if local_gpus else []
-    if no_fp8:
-        details.append("no FP8 units")
-    report(f"memory_mode 'auto': {mode.name}" + (f" ({'; '.join(details)})" if details else ""))
+    no_fp8 = next(filter(None, map(fp8_matmul_unavailable, local_gpus)), None)
+    if mode.fp8_weights and not mode.fp8_attention and no_fp8:
+        report(f"{no_fp8}: memory_mode {mode.name!r} keeps the DiT's weights in FP8 and multiplies them in bf16 "
+               "(FP8's memory, not its speed)")
     return mode
 
 

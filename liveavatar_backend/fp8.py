@@ -6,9 +6,13 @@ output. Applied AFTER the LoRA merge. The layers the official code keeps in high
 (timestep and text embeddings, the head, the audio encoder's final linear) are skipped.
 
 On the CPU the same quantised values are multiplied in float32, so the numerical effect of FP8
-can be measured anywhere (FP8 on a GPU needs compute capability 8.9+: Ada, Hopper or newer).
+can be measured anywhere. FP8 matrix multiplication on a GPU needs compute capability 8.9+ (Ada,
+Hopper or newer); older GPUs (an A100, an RTX 3090) keep the e4m3 weights, at FP8's size, and
+multiply them in bf16 (`WeightOnlyFP8`): the weights' rounding without the activations'.
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +63,30 @@ def fp8_linear_quantized(x8: torch.Tensor, x_inv_scale: torch.Tensor, w8: torch.
     return out.to(out_dtype).reshape(*x8.shape[:-1], -1)
 
 
+class WeightOnlyFP8(NamedTuple):
+    """An FP8 linear's weights on a GPU without FP8 matrix units. Each call casts the e4m3 weight to
+    the input's dtype (exact: every e4m3 value is a bf16 value), multiplies in that dtype and scales
+    the output in float32; the activations are not quantised, so the result is nearer to bf16 than
+    the official recipe's. It costs one cast of the weight per call (a temporary of the layer's size
+    in bf16, at most 141 MB for the 14B model's FFN)."""
+    weight_fp8: torch.Tensor
+    inverse_scale: torch.Tensor
+    bias: torch.Tensor | None
+
+
+def weight_only_linear(x: torch.Tensor, weights: WeightOnlyFP8) -> torch.Tensor:
+    """x @ W.T + bias for W = weight_fp8 · inverse_scale, multiplied in x's dtype."""
+    out = F.linear(x, weights.weight_fp8.to(x.dtype)).float() * weights.inverse_scale
+    if weights.bias is not None:
+        out = out + weights.bias.float()
+    return out.to(x.dtype)
+
+
+def multiplies_in_fp8(weights: tuple) -> bool:
+    """Whether these linear weights (see `fp8_weights`) multiply an e4m3 input: the official recipe."""
+    return len(weights) == 3 and not isinstance(weights, WeightOnlyFP8)
+
+
 class FP8Linear(nn.Module):
     """Drop-in replacement for nn.Linear holding `weight_fp8` and `weight_scale` buffers."""
 
@@ -72,7 +100,16 @@ class FP8Linear(nn.Module):
                                                                   requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fp8_linear(x, self.weight_fp8, self.weight_scale, self.bias)
+        weights = fp8_weights(self)
+        return weight_only_linear(x, weights) if isinstance(weights, WeightOnlyFP8) else fp8_linear(x, *weights)
+
+
+def fp8_weights(layer: FP8Linear) -> tuple:
+    """The layer's weights as its device multiplies them: (e4m3 weight, inverse scale, bias) for
+    `torch._scaled_mm` (or the CPU's float32 emulation of it), `WeightOnlyFP8` on a GPU without FP8
+    matrix units. Decided at every call, so a model moved to another GPU follows it."""
+    weights = (layer.weight_fp8, layer.weight_scale, layer.bias)
+    return weights if has_fp8_matmul(layer.weight_fp8.device) else WeightOnlyFP8(*weights)
 
 
 def converts_to_fp8(name: str, module: nn.Module) -> bool:
@@ -80,14 +117,19 @@ def converts_to_fp8(name: str, module: nn.Module) -> bool:
     return type(module) is nn.Linear and not any(s in name for s in FP8_SKIPPED)
 
 
-def fp8_matmul_unavailable(device) -> str | None:
-    """Why this device cannot multiply FP8 weights (None: it can, or it is the CPU, which emulates)."""
+def has_fp8_matmul(device) -> bool:
+    """Whether this device multiplies e4m3 inputs (the CPU does, emulating it in float32)."""
     device = torch.device(device)
-    if device.type != "cuda":
+    return device.type != "cuda" or torch.cuda.get_device_capability(device) >= FP8_MATMUL_CAPABILITY
+
+
+def fp8_matmul_unavailable(device) -> str | None:
+    """Why this device cannot multiply e4m3 inputs (None: it can, or it is the CPU, which emulates);
+    FP8 weights there are multiplied in bf16 (`WeightOnlyFP8`)."""
+    if has_fp8_matmul(device):
         return None
+    device = torch.device(device)
     major, minor = torch.cuda.get_device_capability(device)
-    if (major, minor) >= FP8_MATMUL_CAPABILITY:
-        return None
     return (f"{torch.cuda.get_device_name(device)} ({device}, compute capability {major}.{minor}) has no FP8 "
             "matrix units (they need 8.9 or newer: Ada, Hopper, Blackwell)")
 

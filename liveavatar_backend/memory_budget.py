@@ -176,16 +176,15 @@ def load_device_bytes(cfg, mode: MemoryMode, device, keep: Callable[[str], bool]
 
 
 def check_weights_fit(cfg, mode: MemoryMode, device, free: int | None,
-                      keep: Callable[[str], bool] | None = None, *, fp8_runs: bool = True) -> None:
+                      keep: Callable[[str], bool] | None = None) -> None:
     """An InputError, before any file is read, where loading cannot fit the device (free None: not
-    known); `keep`: a pipeline stage's share of the weights; `fp8_runs`: whether the FP8 modes may be
-    suggested (the device has FP8 matrix units)."""
+    known); `keep`: a pipeline stage's share of the weights."""
     need = load_device_bytes(cfg, mode, device, keep)
     if free is None or need <= free:
         return
     on_cpu = torch.device(device).type == "cpu"
     fixes = ["run it on a GPU ('cuda:0')"] if on_cpu else []
-    if not mode.fp8_weights and fp8_runs:
+    if not mode.fp8_weights:
         fp8_need = load_device_bytes(cfg, MEMORY_MODES["balanced"], device, keep)
         if fp8_need <= free:
             fixes.append(f"choose memory_mode 'balanced' or 'low_vram' (FP8 weights: {fp8_need / GB:.1f} GB; "

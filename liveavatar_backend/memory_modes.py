@@ -12,8 +12,11 @@ Hopper or newer, the cuDNN frontend installed).
 
 `auto` is a choice, not a mode: at load it becomes `quality`, `balanced` or `low_vram` by the free
 memory of the (first) GPU, whichever keeps the most quality while the 384*256 preview still fits
-(`resolve_auto`). It never picks `fast`, whose change to the output is larger, and on GPUs without
-FP8 matrix units (before Ada) it takes `quality`, the one mode they run.
+(`resolve_auto`). It never picks `fast`, whose change to the output is larger.
+
+GPUs without FP8 matrix units (before Ada: an A100, an RTX 3090) run `balanced` and `low_vram` with
+the same e4m3 weights multiplied in bf16 (`fp8.WeightOnlyFP8`): FP8's memory, bf16's speed, and
+activations left unquantised; `fast` needs Hopper.
 
 On the CPU every mode computes in float32 (FP8 is emulated in float32 where a mode asks for it).
 """
@@ -61,11 +64,11 @@ def memory_mode(name: str) -> MemoryMode:
     return MEMORY_MODES[name]
 
 
-def resolve_auto(free_bytes: int | None, gpus: int = 1, *, fp8: bool = True) -> MemoryMode:
+def resolve_auto(free_bytes: int | None, gpus: int = 1) -> MemoryMode:
     """What `auto` means where the (first) GPU has `free_bytes` free and the DiT is split over `gpus`
-    GPUs, each holding about 1/gpus of the weights and caches. None (the CPU, or GPUs on other hosts),
-    or GPUs without FP8 matrix units (`fp8` False): `quality`."""
-    if free_bytes is None or not fp8 or free_bytes * gpus >= AUTO_QUALITY_FREE_BYTES:
+    GPUs, each holding about 1/gpus of the weights and caches. None (the CPU, or GPUs on other hosts):
+    `quality`."""
+    if free_bytes is None or free_bytes * gpus >= AUTO_QUALITY_FREE_BYTES:
         return MEMORY_MODES["quality"]
     if free_bytes * gpus >= AUTO_BALANCED_FREE_BYTES:
         return MEMORY_MODES["balanced"]

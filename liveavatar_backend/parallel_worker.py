@@ -55,7 +55,6 @@ def load_stage_model(load: dict, rank: int, world: int, device: torch.device):
     """The DiT parameters of this rank's layer range: from the checkpoint, or random (benchmarks)."""
     from . import block_ops
     from .config import DiTConfig
-    from .fp8 import fp8_matmul_unavailable
     from .loading import assemble_dit, dit_config_for, load_dit
     from .lora import read_lora
     from .memory_budget import check_weights_fit, free_gpu_bytes, free_host_bytes
@@ -79,8 +78,7 @@ def load_stage_model(load: dict, rank: int, world: int, device: torch.device):
     keep = stage_parameters(cfg, layers, rank == 0, rank == world - 1)
     if load.get("memory_mode"):                 # a checkpoint's load (benchmarks make random weights)
         free = free_gpu_bytes(device) if device.type == "cuda" else free_host_bytes()
-        check_weights_fit(cfg, memory_mode(load["memory_mode"]), device, free, keep,
-                          fp8_runs=fp8_matmul_unavailable(device) is None)
+        check_weights_fit(cfg, memory_mode(load["memory_mode"]), device, free, keep)
     lora = read_lora(load["lora"]) if load["random"] is None and load["lora"] is not None else None
     dit = assemble_dit(make_part, cfg, fp8=load["fp8"], lora=lora, lora_scale=load["lora_scale"],
                        lora_path=load["lora"], keep=keep, out_dtype=dtype)    # the LoRA checked whole, against every layer

@@ -176,7 +176,8 @@ class LiveAvatarModelLoader(io.ComfyNode):
                                        "384*256); fast: FP8 weights and FP8 attention (one Hopper or "
                                        "newer GPU, pip install nvidia-cudnn-frontend; a larger quality change); "
                                        "low_vram: FP8 + attention caches in host RAM (19 GB at 384*256: 24 GB "
-                                       "cards). See the README for the VRAM and speed of each."),
+                                       "cards; on GPUs before Ada, such as an RTX 3090, the FP8 weights are "
+                                       "multiplied in bf16). See the README for the VRAM and speed of each."),
                 io.String.Input("devices", default="auto",
                                 tooltip="'auto' (ComfyUI's device), 'cpu', 'cuda:N', or several GPUs such as "
                                         "'cuda:0,cuda:1': the DiT's layers are split over them (each holds "

@@ -64,8 +64,9 @@ def test_a_refused_load_says_what_to_choose():
     with pytest.raises(InputError, match=r"12.0 GB are free. Split the DiT over several GPUs .* or free the GPU of "
                                          r"other programs\.$"):                  # FP8 would not fit either
         check_weights_fit(FULL, MEMORY_MODES["quality"], "cuda:0", 12.0 * GB)
-    with pytest.raises(InputError, match=r"23.0 GB are free. Split the DiT over several GPUs"):
-        check_weights_fit(FULL, MEMORY_MODES["quality"], "cuda:0", 23.0 * GB, fp8_runs=False)   # an RTX 3090
+    with pytest.raises(InputError, match=r"23.0 GB are free. Choose memory_mode 'balanced' or 'low_vram' \(FP8 "
+                                         r"weights: 17.0 GB"):      # an RTX 3090 too: FP8 weights, bf16 multiplies
+        check_weights_fit(FULL, MEMORY_MODES["quality"], "cuda:0", 23.0 * GB)
 
 
 def test_each_gpu_of_a_split_model_checks_its_own_share(tiny_models, monkeypatch):
@@ -121,7 +122,7 @@ def test_auto_is_resolved_at_load_and_said(tiny_engine, monkeypatch):
         engine_module._memory_mode("best", ["cpu"], said.append)
 
 
-def test_gpus_without_fp8_units_get_quality_from_auto_and_refuse_fp8_modes(monkeypatch):
+def test_gpus_without_fp8_units_keep_fp8_weights_and_say_so(monkeypatch):
     from liveavatar_backend import engine as engine_module
     from liveavatar_backend import fp8
     monkeypatch.setattr(fp8.torch.cuda, "get_device_name", lambda device: "NVIDIA GeForce RTX 3090")
@@ -129,21 +130,27 @@ def test_gpus_without_fp8_units_get_quality_from_auto_and_refuse_fp8_modes(monke
     ampere = fp8.fp8_matmul_unavailable("cuda:0")
     assert ampere == ("NVIDIA GeForce RTX 3090 (cuda:0, compute capability 8.6) has no FP8 matrix units (they need "
                       "8.9 or newer: Ada, Hopper, Blackwell)")
-    assert fp8.fp8_matmul_unavailable("cpu") is None              # the CPU emulates FP8 in float32
+    assert not fp8.has_fp8_matmul("cuda:0")
+    assert fp8.fp8_matmul_unavailable("cpu") is None and fp8.has_fp8_matmul("cpu")   # the CPU emulates FP8
     monkeypatch.setattr(fp8.torch.cuda, "get_device_capability", lambda device: (8, 9))
     assert fp8.fp8_matmul_unavailable("cuda:0") is None           # Ada
     monkeypatch.setattr(engine_module, "free_gpu_bytes", lambda device: 23.0e9)
     monkeypatch.setattr(fp8.torch.cuda, "get_device_capability",            # an Ada and an Ampere card
                         lambda device: (8, 6) if torch.device(device) == torch.device("cuda:1") else (8, 9))
     said = []
-    assert engine_module._memory_mode("auto", ["cuda:1"], said.append).name == "quality"
-    assert said == ["memory_mode 'auto': quality (23.0 GB free on cuda:1; no FP8 units)"]
-    assert engine_module._memory_mode("auto", ["cuda:0"], said.append).name == "low_vram"
-    for mode in ("balanced", "fast", "low_vram"):                  # on any of the GPUs of a split model
-        with pytest.raises(InputError, match=rf"'{mode}' keeps the DiT's linears in FP8, but NVIDIA GeForce RTX "
-                                             r"3090 \(cuda:1, .* Choose 'quality'"):
-            engine_module._memory_mode(mode, ["cuda:0", "cuda:1"], said.append)
-    assert engine_module._memory_mode("quality", ["cuda:1"], said.append).name == "quality"
+    assert engine_module._memory_mode("auto", ["cuda:1"], said.append).name == "low_vram"
+    assert said == ["memory_mode 'auto': low_vram (23.0 GB free on cuda:1)",
+                    "NVIDIA GeForce RTX 3090 (cuda:1, compute capability 8.6) has no FP8 matrix units (they need 8.9 "
+                    "or newer: Ada, Hopper, Blackwell): memory_mode 'low_vram' keeps the DiT's weights in FP8 and "
+                    "multiplies them in bf16 (FP8's memory, not its speed)"]
+    said.clear()
+    assert engine_module._memory_mode("auto", ["cuda:0"], said.append).name == "low_vram" and len(said) == 1
+    assert engine_module._memory_mode("balanced", ["cuda:0", "cuda:1"], said.append).name == "balanced"
+    assert "(cuda:1, compute capability 8.6)" in said[-1]         # any of the GPUs of a split model
+    said.clear()
+    for mode in ("quality", "fast"):                               # nothing in FP8 to say; 'fast' refused at load
+        assert engine_module._memory_mode(mode, ["cuda:1"], said.append).name == mode
+    assert said == []
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -159,10 +166,10 @@ def test_on_a_gpu_auto_follows_its_free_memory():
             continue
         torch.cuda.set_per_process_memory_fraction(cap_gb * GB / total, 0)
         try:
-            assert _memory_mode("auto", ["cuda:0"], said.append).name == (expected if fp8_units else "quality")
+            assert _memory_mode("auto", ["cuda:0"], said.append).name == expected
         finally:
             torch.cuda.set_per_process_memory_fraction(1.0, 0)
-    assert said and all(line.startswith("memory_mode 'auto': ") for line in said)
+    assert said and all(line.startswith("memory_mode 'auto': ") or "no FP8 matrix units" in line for line in said)
 
 
 def test_auto_moves_balanceds_caches_to_host_ram_for_a_size_that_does_not_fit(tiny_engine, monkeypatch):
