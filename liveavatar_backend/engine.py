@@ -25,7 +25,7 @@ from .errors import CheckpointError, InputError
 from .fp8 import fp8_matmul_unavailable
 from .image import preprocess_portrait
 from .lora import read_lora
-from .loading import assemble_dit, dit_config_for, load_dit
+from .loading import LoadProgress, assemble_dit, dit_config_for, load_dit
 from .memory_modes import AUTO, MEMORY_MODES, MemoryMode, memory_mode as memory_mode_by_name, resolve_auto
 from .parallel import PipelineWorkers, external_world, parse_devices
 from .memory_budget import (cache_gpu_bytes, check_caches_fit, check_weights_fit, free_gpu_bytes, free_host_bytes,
@@ -100,7 +100,8 @@ class LiveAvatarEngine:
 
     @classmethod
     def load(cls, spec: ModelSpec, device: str = "cuda", *, memory_mode: str = AUTO,
-             report: Callable[[str], None] = log.info) -> "LiveAvatarEngine":
+             report: Callable[[str], None] = log.info,
+             progress: Callable[[float], None] | None = None) -> "LiveAvatarEngine":
         """Load and check every component; the LoRA is merged before any FP8 conversion.
 
         `device`: 'cuda', 'cuda:N', 'cpu'; a list of GPUs such as 'cuda:0,cuda:1' splits the DiT's
@@ -110,7 +111,9 @@ class LiveAvatarEngine:
         `memory_mode`: one of `memory_modes.MEMORY_MODES`, or 'auto' (chosen by the free memory of the
         first GPU, `memory_modes.resolve_auto`). On the GPU the DiT runs in bf16 (FP8 linears in the
         FP8 modes); on the CPU in float32. The text encoder stays in host memory (see `_encode_prompt`);
-        wav2vec2 (1.3 GB in float32) sits on the GPU except in 'low_vram'."""
+        wav2vec2 (1.3 GB in float32) sits on the GPU except in 'low_vram'.
+
+        `progress` hears the fraction loaded (0..1, `loading.LoadProgress`); it may raise to stop."""
         spec.check_files()
         devices = parse_devices(device)
         sharded = len(devices) > 1 or external_world(devices) > 0
@@ -121,6 +124,7 @@ class LiveAvatarEngine:
             _check_fp8_attention(sharded, torch.device(device))
         dtype = torch.bfloat16 if on_gpu else torch.float32
         cfg = dit_config_for(Path(spec.dit))
+        loaded = LoadProgress(progress, cfg)
         dit = workers = None
         if sharded:
             report(f"loading DiT layer ranges on {', '.join(devices)}")
@@ -133,14 +137,16 @@ class LiveAvatarEngine:
             check_weights_fit(cfg, mode, device, free_gpu_bytes(device) if on_gpu else free_host_bytes())
             report(f"loading DiT from {spec.dit}" + (f", merging LoRA {spec.lora}" if spec.lora else "")
                    + (", converting to FP8 layer by layer" if mode.fp8_weights else ""))
-            dit = assemble_dit(lambda keep: load_dit(spec.dit, device=device, dtype=dtype, cfg=cfg, keep=keep), cfg,
+            dit = assemble_dit(lambda keep: load_dit(spec.dit, device=device, dtype=dtype, cfg=cfg, keep=keep,
+                                                     on_read=loaded.dit_read), cfg,
                                fp8=mode.fp8_weights, lora=read_lora(spec.lora) if spec.lora else None,
                                lora_scale=spec.lora_scale, lora_path=spec.lora, out_dtype=dtype)
             if on_gpu:
                 torch.cuda.empty_cache()      # the bf16 groups' memory, for the caches and the decoder
         try:
+            loaded.dit_done()
             report("loading text encoder, VAE and audio encoder")
-            text, vae, audio = _load_encoders_and_vae(spec, mode, device, dtype)
+            text, vae, audio = _load_encoders_and_vae(spec, mode, device, dtype, loaded)
             audio.check_fits_dit(cfg, spec.audio_encoder)
             compile_ok, why_not = block_ops.compile_supported() if on_gpu else (False, "")
             if on_gpu and not compile_ok:
@@ -150,6 +156,7 @@ class LiveAvatarEngine:
             graphs_blocked = capture_blocked() if on_gpu and dit is not None and not mode.offload_caches else None
             if graphs_blocked:
                 report(f"CUDA graphs are off: {graphs_blocked} (README, Troubleshooting)")
+            loaded.done()
             return cls(dit, text, vae, audio, device, dtype, spec, mode, workers, auto=memory_mode == AUTO)
         except BaseException:
             if workers is not None:           # the DiT's ranks hold their layers: they end with the load
@@ -269,7 +276,7 @@ class LiveAvatarEngine:
             yield clip.cpu()
 
 
-def _load_encoders_and_vae(spec: ModelSpec, mode, device: str, dtype: torch.dtype):
+def _load_encoders_and_vae(spec: ModelSpec, mode, device: str, dtype: torch.dtype, loaded: LoadProgress):
     """(umT5, Wan VAE, wav2vec2). umT5-XXL (11 GB in bf16) lives in host memory and visits the GPU only
     to encode a prompt (spec §4.3: the official single-GPU default offloads it too); low_vram encodes
     on the CPU."""
@@ -279,6 +286,7 @@ def _load_encoders_and_vae(spec: ModelSpec, mode, device: str, dtype: torch.dtyp
     if on_gpu and not mode.offload_caches:
         for tensor in _weights_of(text.model):      # page-locked: the per-prompt copy runs at full bus speed
             tensor.data = tensor.data.pin_memory()
+    loaded.text_encoder_done()
     vae = _load_vae(spec, mode, device, dtype)
     audio = AudioFeatureExtractor.load(spec.audio_encoder, encoder_device, torch.float32)
     return text, vae, audio

@@ -13,6 +13,7 @@ Loading is strict: every expected key present exactly once, nothing unexpected, 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -120,12 +121,13 @@ def _header_shape(entry, name: str) -> tuple[int, ...]:
 
 
 def load_dit(path: str | Path, *, device="cpu", dtype=torch.bfloat16, cfg: DiTConfig | None = None,
-             keep: Callable[[str], bool] | None = None) -> LiveAvatarDiT:
+             keep: Callable[[str], bool] | None = None, on_read: Callable[[int], None] | None = None) -> LiveAvatarDiT:
     """Load the DiT from a Wan2.2-S2V-14B folder or a single safetensors file, strictly.
 
-    Tensors are read one at a time, converted and placed on `device`. With `keep`, only the
-    parameters it accepts are read (a GPU holding a range of layers); the others stay on the meta
-    device, but every key is still checked for presence and shape."""
+    Tensors are read one at a time, converted and placed on `device`; `on_read` hears each one's
+    element count (a progress bar; it may raise to stop). With `keep`, only the parameters it
+    accepts are read (a GPU holding a range of layers); the others stay on the meta device, but
+    every key is still checked for presence and shape."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: not found; point it at the Wan2.2-S2V-14B folder or a "
@@ -152,6 +154,8 @@ def load_dit(path: str | Path, *, device="cpu", dtype=torch.bfloat16, cfg: DiTCo
                 raise CheckpointError(f"{file}: cannot read {name!r} ({exc}); the file may be truncated") from None
             shape = tuple(tensor.shape)
             loaded[name] = tensor.to(device=device, dtype=dtype)
+            if on_read is not None:
+                on_read(tensor.numel())
         if shape != shapes[name]:
             raise CheckpointError(f"{file}: {name!r} has shape {list(shape)}, expected "
                                   f"{list(shapes[name])} for {cfg.dim=} {cfg.num_layers=}")
@@ -161,6 +165,38 @@ def load_dit(path: str | Path, *, device="cpu", dtype=torch.bfloat16, cfg: DiTCo
                               "the checkpoint is incomplete or of another model")
     model.load_state_dict(loaded, strict=keep is None, assign=True)
     return model.eval().requires_grad_(False)
+
+
+class LoadProgress:
+    """A model set's load as fractions 0..1 for a progress bar, said at most once per percent; the
+    DiT's part moves with every tensor read. `say` may raise (ComfyUI's interrupt) to stop the load."""
+    # the 14B set's parameters (spec §1): DiT 16.30 B, umT5-XXL 5.68 B, wav2vec2 and VAE 0.45 B
+    DIT_SHARE, TEXT_SHARE = 0.73, 0.25
+
+    def __init__(self, say: Callable[[float], None] | None, cfg: DiTConfig):
+        self._say = say
+        self._dit_elements = sum(math.prod(shape) for shape in expected_shapes(cfg).values())
+        self._read = 0
+        self._percent = -1
+
+    def dit_read(self, elements: int) -> None:
+        self._read += elements
+        self._at(self.DIT_SHARE * min(1.0, self._read / self._dit_elements))
+
+    def dit_done(self) -> None:
+        self._at(self.DIT_SHARE)
+
+    def text_encoder_done(self) -> None:
+        self._at(self.DIT_SHARE + self.TEXT_SHARE)
+
+    def done(self) -> None:
+        self._at(1.0)
+
+    def _at(self, fraction: float) -> None:
+        percent = int(100 * fraction)
+        if self._say is not None and percent > self._percent:
+            self._percent = percent
+            self._say(fraction)
 
 
 def dit_parameter_groups(cfg: DiTConfig) -> list[Callable[[str], bool]]:

@@ -4,12 +4,14 @@ from __future__ import annotations
 import functools
 import gc
 import logging
+import traceback
 from typing import Callable
 
 import torch
 from comfy_api.latest import io
 
 import comfy.model_management as mm
+import comfy.utils
 
 from ..liveavatar_backend.clip_decoder import ClipDecoder
 from ..liveavatar_backend.engine import DecoderOnly, LiveAvatarEngine, ModelSpec
@@ -49,7 +51,14 @@ class LoadedModel:
             if self._decoder_only is not None:      # the engine brings its own VAE
                 self._decoder_only = None
                 _free_memory()
-            self._engine = self._load()
+            try:
+                self._engine = self._load()
+            except BaseException as failure:       # a bad file, an out-of-memory error, an interrupt
+                # the frames of the failed load hold what it had read (up to 33 GB) for as long as
+                # the exception lives, which ComfyUI keeps for its error report: free them now
+                traceback.clear_frames(failure.__traceback__)
+                _free_memory()
+                raise
         return self._engine
 
     def decoder(self, warm_up: torch.Tensor, height: int, width: int) -> ClipDecoder:
@@ -228,7 +237,21 @@ def _load_engine(checkpoint, lora, memory_mode, devices, text_encoder, vae, audi
     if not external_world(names):        # 17-33 GB of weights, then the caches: all of ComfyUI's models go
         for name in names:
             make_room(name, float("inf"))
-    return LiveAvatarEngine.load(spec, device=device, memory_mode=memory_mode, report=log.info)
+    return LiveAvatarEngine.load(spec, device=device, memory_mode=memory_mode, report=log.info,
+                                 progress=_load_progress_bar())
+
+
+LOAD_BAR_STEPS = 100
+
+
+def _load_progress_bar() -> Callable[[float], None]:
+    """The load's fractions on the running node's progress bar; Cancel stops the load there."""
+    bar = comfy.utils.ProgressBar(LOAD_BAR_STEPS)
+
+    def show(fraction: float) -> None:
+        mm.throw_exception_if_processing_interrupted()
+        bar.update_absolute(round(fraction * LOAD_BAR_STEPS))
+    return show
 
 
 def _load_decoder_only(checkpoint, lora, memory_mode, devices, text_encoder, vae, audio_encoder) -> DecoderOnly:

@@ -153,3 +153,28 @@ def test_a_comfyui_scaled_fp8_single_file_loads_with_or_without_the_checkpoint_p
     expected = stored[prefix + name].float() * scale
     assert torch.allclose(loaded[name], expected, rtol=1e-2) and torch.equal(loaded["head.head.weight"],
                                                                              state["head.head.weight"].float())
+
+
+def test_the_load_reports_its_progress_and_stops_where_the_callback_raises(tiny_models):
+    from liveavatar_backend.engine import LiveAvatarEngine, ModelSpec
+    from liveavatar_backend.loading import LoadProgress
+    spec = ModelSpec.from_folder(tiny_models / "Wan2.2-S2V-14B", lora=tiny_models / "liveavatar.safetensors")
+    for memory_mode in ("quality", "balanced"):           # whole, and one layer group at a time
+        heard = []
+        LiveAvatarEngine.load(spec, device="cpu", memory_mode=memory_mode, progress=heard.append)
+        assert heard == sorted(set(heard)) and heard[-1] == 1.0          # rising, at most once per percent
+        dit_part = [f for f in heard if f <= LoadProgress.DIT_SHARE]
+        assert len(dit_part) > 10 and dit_part[-1] == LoadProgress.DIT_SHARE       # tensor by tensor
+        assert LoadProgress.DIT_SHARE + LoadProgress.TEXT_SHARE in heard
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_a_third(fraction):
+        if fraction > 0.33:
+            raise Stop
+        heard.append(fraction)
+    heard = []
+    with pytest.raises(Stop):
+        LiveAvatarEngine.load(spec, device="cpu", memory_mode="quality", progress=stop_at_a_third)
+    assert heard and max(heard) <= 0.33

@@ -4,6 +4,7 @@ out of the way."""
 import gc
 import importlib.util
 import sys
+import types
 import weakref
 
 import pytest
@@ -99,6 +100,52 @@ def test_comfyuis_unload_models_frees_the_model_and_the_next_node_loads_it_again
     model.engine()            # a handle that ComfyUI still caches (a second loader node) loads again:
     assert model.loaded and not other.loaded and len(engines) == 4       # the other one makes room
     loader.unload_current()
+
+
+def test_a_load_that_fails_midway_frees_what_it_read_and_the_next_use_loads_again(pack):
+    """ComfyUI keeps the exception of a failed node (an interrupt, a bad file) for its report; the
+    weights the load had read must not live on in its frames."""
+    import comfy.model_management as mm
+    from liveavatar_pack.nodes import loader
+    read, attempts = [], []
+
+    def load():
+        attempts.append(1)
+        weights = torch.zeros(1000)                 # what a load holds when it stops
+        read.append(weakref.ref(weights))
+        if len(attempts) == 1:
+            raise mm.InterruptProcessingException()
+        return engine
+    engine = types.SimpleNamespace(close=lambda: None)
+
+    model = loader.current_model(("fails once",), load)
+    with pytest.raises(mm.InterruptProcessingException) as failure:
+        model.engine()
+    assert failure.value.__traceback__ is not None and read[0]() is None    # freed while the error lives
+    assert not model.loaded
+    assert model.engine() is engine and len(attempts) == 2
+    loader.current_model(("another",), load)
+    loader.unload_current()
+
+
+def test_the_loaders_progress_bar_follows_the_load_and_cancel_stops_it(pack, monkeypatch):
+    import comfy.model_management as mm
+    import comfy.utils
+    from liveavatar_pack.nodes import loader
+    shown = []
+    monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", lambda value, total, preview, node_id=None:
+                        shown.append((value, total)))
+    show = loader._load_progress_bar()
+    show(0.5)
+    show(1.0)
+    assert shown == [(50, 100), (100, 100)]
+    mm.interrupt_current_processing(True)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            show(0.6)
+    finally:
+        mm.interrupt_current_processing(False)
+    assert len(shown) == 2
 
 
 def test_after_an_unload_the_decoders_load_the_vae_alone(pack, tiny_models, tmp_path, monkeypatch):
