@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import warnings
 
 import numpy as np
 import torch
@@ -18,6 +19,7 @@ from ..liveavatar_backend import constants as C
 from ..liveavatar_backend.audio import PEAK_LIMIT, load_audio, loudness_gain, to_16k_mono
 from ..liveavatar_backend.image import load_portrait
 from .clips import SOUNDTRACK_KEY
+from .status import NodeStatus
 
 log = logging.getLogger("liveavatar")
 
@@ -58,7 +60,12 @@ class LiveAvatarLoadPortrait(io.ComfyNode):
 
     @classmethod
     def execute(cls, image) -> io.NodeOutput:
-        picture = load_portrait(folder_paths.get_annotated_filepath(image))   # warns below 512 px
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            picture = load_portrait(folder_paths.get_annotated_filepath(image))   # warns below 512 px
+        warn = NodeStatus(logging.WARNING)
+        for warning in caught:
+            warn(str(warning.message))
         pixels = torch.from_numpy(np.asarray(picture, dtype=np.float32) / 255.0)
         return io.NodeOutput(pixels[None])
 

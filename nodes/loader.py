@@ -19,6 +19,7 @@ from ..liveavatar_backend.memory_budget import decode_gpu_bytes
 from ..liveavatar_backend.memory_modes import AUTO, MEMORY_MODE_CHOICES
 from ..liveavatar_backend.parallel import external_world, parse_devices
 from . import paths
+from .status import NodeStatus
 
 log = logging.getLogger("liveavatar")
 LiveAvatarModel = io.Custom("LIVEAVATAR_MODEL")
@@ -237,7 +238,7 @@ def _load_engine(checkpoint, lora, memory_mode, devices, text_encoder, vae, audi
     if not external_world(names):        # 17-33 GB of weights, then the caches: all of ComfyUI's models go
         for name in names:
             make_room(name, float("inf"))
-    return LiveAvatarEngine.load(spec, device=device, memory_mode=memory_mode, report=log.info,
+    return LiveAvatarEngine.load(spec, device=device, memory_mode=memory_mode, report=NodeStatus(),
                                  progress=_load_progress_bar())
 
 

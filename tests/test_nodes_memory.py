@@ -148,6 +148,37 @@ def test_the_loaders_progress_bar_follows_the_load_and_cancel_stops_it(pack, mon
     assert len(shown) == 2
 
 
+def test_what_the_user_should_see_is_shown_on_the_running_node(pack, tiny_models, tmp_path, monkeypatch):
+    """The memory mode 'auto' chose (and the load's other news) on the loader, a small portrait's
+    warning on Load Portrait: as ComfyUI's progress text of the node that runs, not only in the log."""
+    from PIL import Image
+    from comfy_execution.utils import CurrentNodeContext
+    from liveavatar_pack.liveavatar_backend.engine import ModelSpec
+    from liveavatar_pack.nodes import loader
+    from liveavatar_pack.nodes.inputs import LiveAvatarLoadPortrait
+    shown = []
+    server = types.SimpleNamespace(send_progress_text=lambda text, node_id: shown.append((node_id, text)))
+    # ComfyUI's server module, as the host has it loaded (importing it here would pull in the host's app)
+    monkeypatch.setitem(sys.modules, "server", types.SimpleNamespace(PromptServer=types.SimpleNamespace(instance=server)))
+    Image.new("RGB", (400, 300)).save(tmp_path / "small.png")
+    with CurrentNodeContext("prompt", "7"):
+        portrait = LiveAvatarLoadPortrait.execute(str(tmp_path / "small.png")).result[0]
+    assert portrait.shape == (1, 300, 400, 3)
+    assert shown == [("7", f"portrait {str(tmp_path / 'small.png')!r} is 400x300 px; below 512 px on the short "
+                           "side the face loses detail")]
+    shown.clear()
+    monkeypatch.setattr(loader, "_spec", lambda *settings: ModelSpec.from_folder(
+        tiny_models / "Wan2.2-S2V-14B", lora=tiny_models / "liveavatar.safetensors"))
+    with CurrentNodeContext("prompt", "3"):
+        engine = loader._load_engine("tiny", "lora", "auto", "cpu", None, None, None)
+    assert engine.mode.name == "quality"
+    assert {node for node, _ in shown} == {"3"} and len(shown) >= 3
+    assert shown[-1][1].startswith("memory_mode 'auto': quality\nloading DiT from ")       # every line so far
+    said = len(shown)
+    LiveAvatarLoadPortrait.execute(str(tmp_path / "small.png"))          # outside a prompt: the log only
+    assert len(shown) == said
+
+
 def test_after_an_unload_the_decoders_load_the_vae_alone(pack, tiny_models, tmp_path, monkeypatch):
     """Decoding clips sampled before ComfyUI unloaded the model reads the VAE alone, not the whole set,
     with the same frames, after asking ComfyUI for room; the sampler then loads the whole set again."""
