@@ -228,7 +228,8 @@ def main() -> None:
             # steady-state clip (captures + the rolling sink's prefill) is what every job pays once,
             # since the graphs belong to the job's caches
             clip1_extra_s = clip_s[1] - statistics.median(clip_s[2:]) if graphs else None
-            fp8 = mode.startswith("fp8") and not weight_only         # which matmuls the floor times
+            # which matmuls the floor times: FP8 only where the mode multiplies in FP8
+            fp8 = mode.startswith("fp8") and not weight_only and has_fp8_matmul("cuda")
             if (size, fp8) not in floors:
                 with ClockSampler() as sampler:
                     floors[(size, fp8)] = step_floor_ms(plan.layout, model.cfg, fp8=fp8)["step_ms"]

@@ -1,9 +1,10 @@
 """The per-layer arithmetic of a DiT block as pure functions of tensors.
 
 Weights arrive as arguments (a linear layer is `(weight, bias)`, or `(weight_fp8, inverse_scale,
-bias)` for FP8), so `torch.compile` traces each function ONCE and reuses the code for all 40
-layers; fusing the float32 norm / modulation / RoPE / FP8-quantisation elementwise work into a few
-kernels. The eager path runs the very same functions, so compiled and eager cannot drift apart.
+bias)` for FP8, a `fp8.WeightOnlyFP8` on GPUs without FP8 matrix units), so `torch.compile` traces
+each function ONCE and reuses the code for all 40 layers; fusing the float32 norm / modulation /
+RoPE / FP8-quantisation elementwise work into a few kernels. The eager path runs the very same
+functions, so compiled and eager cannot drift apart.
 
 Only the part that touches the caches (writes and attention over the cache) stays outside.
 The sink-key rotation and the audio injectors live here too: run eagerly, each would be a dozen
@@ -18,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fp8 import (WeightOnlyFP8, fp8_linear, fp8_linear_quantized, fp8_linears, fp8_weights, multiplies_in_fp8,
-                  quantize_per_tensor, quantize_static, weight_only_linear)
+from .fp8 import (fp8_linear_quantized, fp8_linears, fp8_weights, fp8_weights_linear, multiplies_in_fp8,
+                  quantize_per_tensor, quantize_static)
 from .layers import gelu_tanh, layer_norm as layer_norm32, rms_norm
 from .rope import apply_rope as rotate
 
@@ -33,11 +34,9 @@ def linear_weights(layer: nn.Module) -> tuple:
 
 
 def linear(x: torch.Tensor, weights: tuple) -> torch.Tensor:
-    if isinstance(weights, WeightOnlyFP8):
-        return weight_only_linear(x, weights)
     if len(weights) == 2:
         return F.linear(x, weights[0], weights[1])
-    return fp8_linear(x, *weights)
+    return fp8_weights_linear(x, weights)
 
 
 def linears(x: torch.Tensor, *weights: tuple) -> list[torch.Tensor]:

@@ -124,7 +124,7 @@ class LiveAvatarEngine:
             _check_fp8_attention(sharded, torch.device(device))
         dtype = torch.bfloat16 if on_gpu else torch.float32
         cfg = dit_config_for(Path(spec.dit))
-        loaded = LoadProgress(progress, cfg)
+        load_progress = LoadProgress(progress, cfg)
         dit = workers = None
         if sharded:
             report(f"loading DiT layer ranges on {', '.join(devices)}")
@@ -138,15 +138,15 @@ class LiveAvatarEngine:
             report(f"loading DiT from {spec.dit}" + (f", merging LoRA {spec.lora}" if spec.lora else "")
                    + (", converting to FP8 layer by layer" if mode.fp8_weights else ""))
             dit = assemble_dit(lambda keep: load_dit(spec.dit, device=device, dtype=dtype, cfg=cfg, keep=keep,
-                                                     on_read=loaded.dit_read), cfg,
+                                                     on_read=load_progress.dit_read), cfg,
                                fp8=mode.fp8_weights, lora=read_lora(spec.lora) if spec.lora else None,
                                lora_scale=spec.lora_scale, lora_path=spec.lora, out_dtype=dtype)
             if on_gpu:
                 torch.cuda.empty_cache()      # the bf16 groups' memory, for the caches and the decoder
         try:
-            loaded.dit_done()
+            load_progress.dit_done()
             report("loading text encoder, VAE and audio encoder")
-            text, vae, audio = _load_encoders_and_vae(spec, mode, device, dtype, loaded)
+            text, vae, audio = _load_encoders_and_vae(spec, mode, device, dtype, load_progress)
             audio.check_fits_dit(cfg, spec.audio_encoder)
             compile_ok, why_not = block_ops.compile_supported() if on_gpu else (False, "")
             if on_gpu and not compile_ok:
@@ -156,7 +156,7 @@ class LiveAvatarEngine:
             graphs_blocked = capture_blocked() if on_gpu and dit is not None and not mode.offload_caches else None
             if graphs_blocked:
                 report(f"CUDA graphs are off: {graphs_blocked} (README, Troubleshooting)")
-            loaded.done()
+            load_progress.done()
             return cls(dit, text, vae, audio, device, dtype, spec, mode, workers, auto=memory_mode == AUTO)
         except BaseException:
             if workers is not None:           # the DiT's ranks hold their layers: they end with the load
@@ -276,7 +276,8 @@ class LiveAvatarEngine:
             yield clip.cpu()
 
 
-def _load_encoders_and_vae(spec: ModelSpec, mode, device: str, dtype: torch.dtype, loaded: LoadProgress):
+def _load_encoders_and_vae(spec: ModelSpec, mode, device: str, dtype: torch.dtype,
+                           load_progress: LoadProgress):
     """(umT5, Wan VAE, wav2vec2). umT5-XXL (11 GB in bf16) lives in host memory and visits the GPU only
     to encode a prompt (spec §4.3: the official single-GPU default offloads it too); low_vram encodes
     on the CPU."""
@@ -286,7 +287,7 @@ def _load_encoders_and_vae(spec: ModelSpec, mode, device: str, dtype: torch.dtyp
     if on_gpu and not mode.offload_caches:
         for tensor in _weights_of(text.model):      # page-locked: the per-prompt copy runs at full bus speed
             tensor.data = tensor.data.pin_memory()
-    loaded.text_encoder_done()
+    load_progress.text_encoder_done()
     vae = _load_vae(spec, mode, device, dtype)
     audio = AudioFeatureExtractor.load(spec.audio_encoder, encoder_device, torch.float32)
     return text, vae, audio

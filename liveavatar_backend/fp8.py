@@ -12,6 +12,7 @@ multiply them in bf16 (`WeightOnlyFP8`): the weights' rounding without the activ
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -64,11 +65,10 @@ def fp8_linear_quantized(x8: torch.Tensor, x_inv_scale: torch.Tensor, w8: torch.
 
 
 class WeightOnlyFP8(NamedTuple):
-    """An FP8 linear's weights on a GPU without FP8 matrix units. Each call casts the e4m3 weight to
-    the input's dtype (exact: every e4m3 value is a bf16 value), multiplies in that dtype and scales
-    the output in float32; the activations are not quantised, so the result is nearer to bf16 than
-    the official recipe's. It costs one cast of the weight per call (a temporary of the layer's size
-    in bf16, at most 141 MB for the 14B model's FFN)."""
+    """An FP8 linear's weights on a GPU without FP8 matrix units. Each call dequantises the e4m3
+    weight to the input's dtype (one pass, fused by torch.compile: a temporary of the layer's size,
+    at most 141 MB in bf16 for the 14B model's FFN) and multiplies in that dtype; the activations
+    are not quantised, so the result is nearer to bf16 than the official recipe's."""
     weight_fp8: torch.Tensor
     inverse_scale: torch.Tensor
     bias: torch.Tensor | None
@@ -76,10 +76,15 @@ class WeightOnlyFP8(NamedTuple):
 
 def weight_only_linear(x: torch.Tensor, weights: WeightOnlyFP8) -> torch.Tensor:
     """x @ W.T + bias for W = weight_fp8 · inverse_scale, multiplied in x's dtype."""
-    out = F.linear(x, weights.weight_fp8.to(x.dtype)).float() * weights.inverse_scale
-    if weights.bias is not None:
-        out = out + weights.bias.float()
-    return out.to(x.dtype)
+    weight = (weights.weight_fp8.float() * weights.inverse_scale).to(x.dtype)
+    return F.linear(x, weight, weights.bias)
+
+
+def fp8_weights_linear(x: torch.Tensor, weights: tuple) -> torch.Tensor:
+    """x through an FP8 linear in the form `fp8_weights` gave for its device."""
+    if isinstance(weights, WeightOnlyFP8):
+        return weight_only_linear(x, weights)
+    return fp8_linear(x, *weights)
 
 
 def multiplies_in_fp8(weights: tuple) -> bool:
@@ -100,8 +105,7 @@ class FP8Linear(nn.Module):
                                                                   requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weights = fp8_weights(self)
-        return weight_only_linear(x, weights) if isinstance(weights, WeightOnlyFP8) else fp8_linear(x, *weights)
+        return fp8_weights_linear(x, fp8_weights(self))
 
 
 def fp8_weights(layer: FP8Linear) -> tuple:
@@ -118,9 +122,18 @@ def converts_to_fp8(name: str, module: nn.Module) -> bool:
 
 
 def has_fp8_matmul(device) -> bool:
-    """Whether this device multiplies e4m3 inputs (the CPU does, emulating it in float32)."""
+    """Whether this device multiplies e4m3 inputs (the CPU does, emulating it in float32). Asked for
+    every linear of every pass: remembered per GPU."""
     device = torch.device(device)
-    return device.type != "cuda" or torch.cuda.get_device_capability(device) >= FP8_MATMUL_CAPABILITY
+    if device.type != "cuda":
+        return True
+    return _gpu_has_fp8_matmul(torch.cuda.current_device() if device.index is None else device.index)
+
+
+@functools.lru_cache(maxsize=None)
+def _gpu_has_fp8_matmul(index: int) -> bool:
+    return (torch.version.hip is None              # ROCm reports its gfx architecture here, not a CUDA capability
+            and torch.cuda.get_device_capability(index) >= FP8_MATMUL_CAPABILITY)
 
 
 def fp8_matmul_unavailable(device) -> str | None:
@@ -129,6 +142,9 @@ def fp8_matmul_unavailable(device) -> str | None:
     if has_fp8_matmul(device):
         return None
     device = torch.device(device)
+    if torch.version.hip is not None:
+        return (f"{torch.cuda.get_device_name(device)} ({device}) is a ROCm GPU; this pack multiplies FP8 only on "
+                "NVIDIA GPUs of compute capability 8.9 or newer")
     major, minor = torch.cuda.get_device_capability(device)
     return (f"{torch.cuda.get_device_name(device)} ({device}, compute capability {major}.{minor}) has no FP8 "
             "matrix units (they need 8.9 or newer: Ada, Hopper, Blackwell)")

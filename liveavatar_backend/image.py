@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -34,8 +35,13 @@ _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 _ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 
 
-def load_portrait(path: str | os.PathLike) -> Image.Image:
-    """Decode an image file (JPG, PNG, WebP, … whatever Pillow reads) to an upright 8-bit RGB image.
+def _warn(message: str) -> None:
+    warnings.warn(message, stacklevel=3)
+
+
+def load_portrait(path: str | os.PathLike, warn: Callable[[str], None] = _warn) -> Image.Image:
+    """Decode an image file (JPG, PNG, WebP, … whatever Pillow reads) to an upright 8-bit RGB image;
+    `warn` hears what is usable but poor (a portrait below 512 px).
 
     EXIF orientation is applied (phone photos are stored sideways with a rotation tag; the official
     code ignores the tag and would animate a sideways face). Transparency is composited on white,
@@ -51,8 +57,8 @@ def load_portrait(path: str | os.PathLike) -> Image.Image:
         kind = "not an image Pillow can read" if unknown else "could not be decoded"
         raise InputError(f"image {os.fspath(path)!r}: {kind} ({err}); use a JPG, PNG or WebP file") from err
     if min(rgb.size) < SMALL_PORTRAIT_PX:
-        warnings.warn(f"portrait {os.fspath(path)!r} is {rgb.width}x{rgb.height} px; below "
-                      f"{SMALL_PORTRAIT_PX} px on the short side the face loses detail", stacklevel=2)
+        warn(f"portrait {os.fspath(path)!r} is {rgb.width}x{rgb.height} px; below {SMALL_PORTRAIT_PX} px on "
+             "the short side the face loses detail")
     return rgb
 
 

@@ -175,11 +175,14 @@ class LoadProgress:
 
     def __init__(self, say: Callable[[float], None] | None, cfg: DiTConfig):
         self._say = say
-        self._dit_elements = sum(math.prod(shape) for shape in expected_shapes(cfg).values())
+        self._cfg = cfg
+        self._dit_elements = None          # counted at the first tensor read
         self._read = 0
         self._percent = -1
 
     def dit_read(self, elements: int) -> None:
+        if self._dit_elements is None:
+            self._dit_elements = sum(math.prod(shape) for shape in expected_shapes(self._cfg).values())
         self._read += elements
         self._at(self.DIT_SHARE * min(1.0, self._read / self._dit_elements))
 

@@ -15,8 +15,8 @@ memory of the (first) GPU, whichever keeps the most quality while the 384*256 pr
 (`resolve_auto`). It never picks `fast`, whose change to the output is larger.
 
 GPUs without FP8 matrix units (before Ada: an A100, an RTX 3090) run `balanced` and `low_vram` with
-the same e4m3 weights multiplied in bf16 (`fp8.WeightOnlyFP8`): FP8's memory, bf16's speed, and
-activations left unquantised; `fast` needs Hopper.
+the same e4m3 weights multiplied in bf16 (`fp8.WeightOnlyFP8`): FP8's memory, not its speed (each
+call dequantises the weight first), and activations left unquantised; `fast` needs Hopper.
 
 On the CPU every mode computes in float32 (FP8 is emulated in float32 where a mode asks for it).
 """

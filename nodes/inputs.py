@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import warnings
 
 import numpy as np
 import torch
@@ -60,12 +59,8 @@ class LiveAvatarLoadPortrait(io.ComfyNode):
 
     @classmethod
     def execute(cls, image) -> io.NodeOutput:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            picture = load_portrait(folder_paths.get_annotated_filepath(image))   # warns below 512 px
-        warn = NodeStatus(logging.WARNING)
-        for warning in caught:
-            warn(str(warning.message))
+        # a portrait below 512 px: said on the node and in the log
+        picture = load_portrait(folder_paths.get_annotated_filepath(image), warn=NodeStatus(logging.WARNING))
         pixels = torch.from_numpy(np.asarray(picture, dtype=np.float32) / 255.0)
         return io.NodeOutput(pixels[None])
 

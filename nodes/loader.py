@@ -56,9 +56,13 @@ class LoadedModel:
                 self._engine = self._load()
             except BaseException as failure:       # a bad file, an out-of-memory error, an interrupt
                 # the frames of the failed load hold what it had read (up to 33 GB) for as long as
-                # the exception lives, which ComfyUI keeps for its error report: free them now
+                # the exception lives, which ComfyUI keeps for its error report: free them now (the
+                # report keeps its file and line numbers; only the frames' variables go)
                 traceback.clear_frames(failure.__traceback__)
-                _free_memory()
+                try:
+                    _free_memory()
+                except Exception:                   # e.g. after a CUDA error: the load's error is the one to see
+                    log.exception("freeing the memory of a failed load failed")
                 raise
         return self._engine
 
@@ -181,7 +185,7 @@ class LiveAvatarModelLoader(io.ComfyNode):
                 io.Combo.Input("memory_mode", options=list(MEMORY_MODE_CHOICES), default=AUTO,
                                tooltip="auto: picked at each load by the GPU's free memory: quality from 49 GB "
                                        "free, balanced from 33 GB (its caches move to host RAM for a size that does "
-                                       "not fit), else low_vram (the log says which). quality: bf16 weights; "
+                                       "not fit), else low_vram (the node and the log say which). quality: bf16 weights; "
                                        "balanced: FP8 weights (a slight quality change; 32 instead of 48 GB at "
                                        "384*256); fast: FP8 weights and FP8 attention (one Hopper or "
                                        "newer GPU, pip install nvidia-cudnn-frontend; a larger quality change); "

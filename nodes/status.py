@@ -16,7 +16,8 @@ def _running_node_id() -> str | None:
 
 class NodeStatus:
     """Lines said during one node's run: each is logged, and all of them are shown on the node that
-    is running when the first is said (outside a prompt, e.g. in tests, only logged)."""
+    was running when this was made (outside a prompt, e.g. in tests, only logged). Showing them is a
+    courtesy: it never fails the work that reports."""
 
     def __init__(self, level: int = logging.INFO):
         self.level = level
@@ -26,7 +27,10 @@ class NodeStatus:
     def __call__(self, line: str) -> None:
         log.log(self.level, line)
         self.lines.append(line)
-        from server import PromptServer
-        server = getattr(PromptServer, "instance", None)
-        if self.node_id is not None and server is not None:
-            server.send_progress_text("\n".join(self.lines), self.node_id)
+        if self.node_id is None:
+            return
+        try:
+            from server import PromptServer            # ComfyUI's, loaded by its main before any node runs
+            PromptServer.instance.send_progress_text("\n".join(self.lines), self.node_id)
+        except Exception:
+            log.debug("could not show the line on node %s", self.node_id, exc_info=True)

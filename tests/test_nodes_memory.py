@@ -177,6 +177,9 @@ def test_what_the_user_should_see_is_shown_on_the_running_node(pack, tiny_models
     said = len(shown)
     LiveAvatarLoadPortrait.execute(str(tmp_path / "small.png"))          # outside a prompt: the log only
     assert len(shown) == said
+    monkeypatch.setitem(sys.modules, "server", None)                     # a host without ComfyUI's server
+    with CurrentNodeContext("prompt", "7"):
+        assert LiveAvatarLoadPortrait.execute(str(tmp_path / "small.png")).result[0].shape == (1, 300, 400, 3)
 
 
 def test_after_an_unload_the_decoders_load_the_vae_alone(pack, tiny_models, tmp_path, monkeypatch):
