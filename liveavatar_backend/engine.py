@@ -26,7 +26,7 @@ from .fp8 import fp8_matmul_unavailable
 from .image import preprocess_portrait
 from .lora import read_lora
 from .loading import LoadProgress, assemble_dit, dit_config_for, load_dit
-from .memory_modes import AUTO, MEMORY_MODES, MemoryMode, memory_mode as memory_mode_by_name, resolve_auto
+from .memory_modes import AUTO, MemoryMode, memory_mode as memory_mode_by_name, resolve_auto, with_host_caches
 from .parallel import PipelineWorkers, external_world, parse_devices
 from .memory_budget import (cache_gpu_bytes, check_caches_fit, check_weights_fit, free_gpu_bytes, free_host_bytes,
                             host_cache_bytes, sampling_gpu_bytes)
@@ -214,13 +214,15 @@ class LiveAvatarEngine:
         return ClipDecoder(self.vae, warm_up.to(self.device))
 
     def run_mode(self, plan: GenerationPlan) -> MemoryMode:
-        """The mode a run of `plan` samples in: the engine's, except where 'auto' chose `balanced` and
-        the run's caches cannot fit the GPU: then `low_vram`'s (the same FP8 weights, the caches in
-        host RAM), so that a size beyond the 384*256 preview that 'auto' judged by still runs."""
-        if not (self.auto and self.mode.name == "balanced"):
+        """The mode a run of `plan` samples in: the engine's, except where 'auto' chose it and the run's
+        caches cannot fit the GPU: then the same weights with the caches in host RAM, as in `low_vram`
+        (`with_host_caches`), so that a size beyond the 384*256 preview that 'auto' judged by still
+        runs: 704*384 in `balanced` on a 48 GB card, or in `quality` (46 GB of caches) on a card with
+        less than that left beside the bf16 weights."""
+        if not self.auto or self.mode.offload_caches:
             return self.mode
         need = self._cache_gpu_bytes(plan, self.mode)
-        return self.mode if need is None or need <= free_gpu_bytes(self.device) else MEMORY_MODES["low_vram"]
+        return self.mode if need is None or need <= free_gpu_bytes(self.device) else with_host_caches(self.mode)
 
     def sampling_gpu_bytes(self, plan: GenerationPlan) -> int | None:
         """GPU memory a generation adds on this engine's device (caches and working memory), or
@@ -269,7 +271,7 @@ class LiveAvatarEngine:
         mode = self.run_mode(job.plan)              # the engine's own on the CPU
         if mode is not self.mode:
             log.info(f"memory_mode 'auto': size {job.plan.width}*{job.plan.height} at {job.plan.steps} steps does "
-                     "not fit 'balanced' on this GPU; its caches go to host RAM, as in 'low_vram'")
+                     f"not fit {self.mode.name!r} on this GPU; its caches go to host RAM, as in 'low_vram'")
         sampler = BlockSampler(self.dit, job.plan, job.cond, offload_caches=mode.offload_caches and on_gpu,
                                cuda_graphs=on_gpu and not mode.offload_caches, fp8_attention=mode.fp8_attention)
         for clip in sampler.clips(on_progress=on_progress, should_stop=should_stop):

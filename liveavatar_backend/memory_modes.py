@@ -64,6 +64,14 @@ def memory_mode(name: str) -> MemoryMode:
     return MEMORY_MODES[name]
 
 
+def with_host_caches(mode: MemoryMode) -> MemoryMode:
+    """`mode`'s weights with the attention caches in host RAM, streamed in layer by layer: `low_vram`
+    for the FP8 modes, `quality`'s bf16 weights otherwise (where 'auto' moves a run, `engine.run_mode`)."""
+    if mode.fp8_weights:
+        return MEMORY_MODES["low_vram"]
+    return dataclasses.replace(mode, offload_caches=True, lighter="")
+
+
 def resolve_auto(free_bytes: int | None, gpus: int = 1) -> MemoryMode:
     """What `auto` means where the (first) GPU has `free_bytes` free and the DiT is split over `gpus`
     GPUs, each holding about 1/gpus of the weights and caches. None (the CPU, or GPUs on other hosts):

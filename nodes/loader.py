@@ -184,8 +184,8 @@ class LiveAvatarModelLoader(io.ComfyNode):
                                        "Without it the model is the plain Wan2.2-S2V and needs many steps."),
                 io.Combo.Input("memory_mode", options=list(MEMORY_MODE_CHOICES), default=AUTO,
                                tooltip="auto: picked at each load by the GPU's free memory: quality from 49 GB "
-                                       "free, balanced from 33 GB (its caches move to host RAM for a size that does "
-                                       "not fit), else low_vram (the node and the log say which). quality: bf16 weights; "
+                                       "free, balanced from 33 GB, else low_vram (the node and the log say which); "
+                                       "a size whose caches do not fit moves them to host RAM. quality: bf16 weights; "
                                        "balanced: FP8 weights (a slight quality change; 32 instead of 48 GB at "
                                        "384*256); fast: FP8 weights and FP8 attention (one Hopper or "
                                        "newer GPU, pip install nvidia-cudnn-frontend; a larger quality change); "

@@ -96,9 +96,10 @@ def test_on_a_gpu_auto_follows_its_free_memory():
     assert said and all(line.startswith("memory_mode 'auto': ") or "no FP8 matrix units" in line for line in said)
 
 
-def test_auto_moves_balanceds_caches_to_host_ram_for_a_size_that_does_not_fit(tiny_engine, monkeypatch):
+def test_auto_moves_the_caches_to_host_ram_for_a_size_that_does_not_fit(tiny_engine, monkeypatch):
     """'auto' judged by the 384*256 preview; a 704*384 run on a 48 GB card takes low_vram's caches
-    (the same FP8 weights) instead of being refused. A mode chosen by name is kept (and refused)."""
+    (the same FP8 weights); one where quality's bf16 weights leave too little keeps them in host RAM
+    too, instead of being refused. A mode chosen by name is kept (and refused)."""
     from liveavatar_backend import engine as engine_module
     engine, run = tiny_engine, plan((704, 384), 4)
     assert engine.run_mode(run) is engine.mode                 # the CPU: nothing to move
@@ -112,3 +113,10 @@ def test_auto_moves_balanceds_caches_to_host_ram_for_a_size_that_does_not_fit(ti
     assert engine.run_mode(run).name == "low_vram" and engine.cache_gpu_bytes(run) == 2e9
     monkeypatch.setattr(engine_module, "free_gpu_bytes", lambda device: 50.0e9)
     assert engine.run_mode(run).name == "balanced"            # where it fits, it stays
+    monkeypatch.setattr(engine, "mode", MEMORY_MODES["quality"])
+    monkeypatch.setattr(engine_module, "free_gpu_bytes", lambda device: 45.0e9)    # a 64 GB card, bf16 loaded
+    host_cached = engine.run_mode(run)
+    assert (host_cached.name, host_cached.fp8_weights, host_cached.offload_caches) == ("quality", False, True)
+    assert engine.cache_gpu_bytes(run) == 2e9
+    monkeypatch.setattr(engine, "auto", False)
+    assert engine.run_mode(run) is MEMORY_MODES["quality"]    # chosen by name
