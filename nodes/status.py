@@ -9,7 +9,10 @@ log = logging.getLogger("liveavatar")
 
 
 def _running_node_id() -> str | None:
-    from comfy_execution.utils import get_executing_context
+    try:
+        from comfy_execution.utils import get_executing_context     # ComfyUI 0.3.4x and newer
+    except ImportError:
+        return None
     context = get_executing_context()
     return None if context is None else context.node_id
 
