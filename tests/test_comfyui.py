@@ -150,3 +150,43 @@ def test_a_model_split_over_two_devices_renders_the_same_video_and_ends_with_the
     error = client.error_of(run(client, workflow))
     assert error and "cuda:0,cuda:0" in error and "twice" in error
     assert not _pipeline_workers()                                # unloading the model ended them
+
+
+def test_the_loader_shows_its_progress_and_news_on_its_node(comfy):
+    """Over ComfyUI's websocket, as the frontend hears it: the loader's progress bar rises to its end
+    on the loader node, and its news (the memory mode, what it loads) arrive as that node's text."""
+    import asyncio
+    import struct
+    import uuid
+
+    import aiohttp
+    client, _, _ = comfy
+    workflow = api("fast_check")
+    workflow["1"]["inputs"]["memory_mode"] = "quality"          # other settings than before: a fresh load
+    workflow["4"]["inputs"]["num_clips"] = 1
+    client_id = uuid.uuid4().hex
+    progress, texts = [], []
+
+    async def listen() -> None:
+        async with aiohttp.ClientSession() as session:
+            async with session.ws_connect(f"{client.base.replace('http', 'ws', 1)}/ws?clientId={client_id}") as ws:
+                prompt_id = client.post("/prompt", {"prompt": workflow, "client_id": client_id})["prompt_id"]
+                async for message in ws:
+                    if message.type == aiohttp.WSMsgType.BINARY:
+                        event, = struct.unpack(">I", message.data[:4])
+                        if event == 3:                    # BinaryEventTypes.TEXT: node id length, node id, text
+                            length, = struct.unpack(">I", message.data[4:8])
+                            texts.append((message.data[8:8 + length].decode(), message.data[8 + length:].decode()))
+                        continue
+                    data = json.loads(message.data)
+                    if data["type"] == "progress":
+                        progress.append((data["data"]["node"], data["data"]["value"], data["data"]["max"]))
+                    if data["type"] == "executing" and data["data"]["node"] is None \
+                            and data["data"]["prompt_id"] == prompt_id:
+                        return
+    asyncio.run(asyncio.wait_for(listen(), timeout=900))
+    loader_bar = [value for node, value, total in progress if node == "1" and total == 100]
+    assert len(loader_bar) > 10 and loader_bar == sorted(loader_bar) and loader_bar[-1] == 100
+    loader_text = [text for node, text in texts if node == "1"]
+    assert loader_text and loader_text[-1].startswith("loading DiT from ")
+    assert "loading text encoder, VAE and audio encoder" in loader_text[-1]
