@@ -259,8 +259,10 @@ class LiveAvatarEngine:
                          host_need=host_need, host_free=free_host_bytes() if host_need else None)
 
     def sample(self, job: Job, on_progress: Callable[[ProgressEvent], None] | None = None,
-               should_stop: Callable[[], bool] | None = None) -> Iterator[torch.Tensor]:
-        """Clean latents [16, 12, H8, W8] of each clip, on the CPU, as they are finished."""
+               should_stop: Callable[[], bool] | None = None,
+               report: Callable[[str], None] = log.info) -> Iterator[torch.Tensor]:
+        """Clean latents [16, 12, H8, W8] of each clip, on the CPU, as they are finished; `report`
+        hears where 'auto' moves this run's caches (`run_mode`)."""
         if self.workers is not None:
             cond = job.cond
             yield from self.workers.sample(job.plan, cond.text_states, cond.ref_latent, cond.motion_latents,
@@ -270,8 +272,8 @@ class LiveAvatarEngine:
         on_gpu = self.device.type == "cuda"
         mode = self.run_mode(job.plan)              # the engine's own on the CPU
         if mode is not self.mode:
-            log.info(f"memory_mode 'auto': size {job.plan.width}*{job.plan.height} at {job.plan.steps} steps does "
-                     f"not fit {self.mode.name!r} on this GPU; its caches go to host RAM, as in 'low_vram'")
+            report(f"memory_mode 'auto': size {job.plan.width}*{job.plan.height} at {job.plan.steps} steps does "
+                   f"not fit {self.mode.name!r} on this GPU; its caches go to host RAM, as in 'low_vram'")
         sampler = BlockSampler(self.dit, job.plan, job.cond, offload_caches=mode.offload_caches and on_gpu,
                                cuda_graphs=on_gpu and not mode.offload_caches, fp8_attention=mode.fp8_attention)
         for clip in sampler.clips(on_progress=on_progress, should_stop=should_stop):

@@ -8,6 +8,7 @@ import comfy.utils
 
 from .clips import ClipLatents, audio_to_16k_mono, latent_preview, soundtrack_of
 from .loader import LiveAvatarModel, make_room
+from .status import NodeStatus
 
 CUSTOM_SIZE = "custom"
 # the official presets, smallest first (spec §6), then the larger areas this engine also runs
@@ -74,7 +75,7 @@ class LiveAvatarSampler(io.ComfyNode):
         # on_progress raises ComfyUI's own InterruptProcessingException, so the prompt ends as
         # "interrupted" (not as an error); the sampler drops its caches on the way out
         try:
-            for clip in engine.sample(job, on_progress=on_progress):
+            for clip in engine.sample(job, on_progress=on_progress, report=NodeStatus()):
                 store.append(clip)
         finally:
             mm.soft_empty_cache()

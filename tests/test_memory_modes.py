@@ -120,3 +120,16 @@ def test_auto_moves_the_caches_to_host_ram_for_a_size_that_does_not_fit(tiny_eng
     assert engine.cache_gpu_bytes(run) == 2e9
     monkeypatch.setattr(engine, "auto", False)
     assert engine.run_mode(run) is MEMORY_MODES["quality"]    # chosen by name
+
+
+def test_a_run_moved_to_host_ram_says_so(tiny_engine, monkeypatch):
+    from liveavatar_backend.memory_modes import with_host_caches
+    engine, said = tiny_engine, []
+    job = engine.prepare(torch.rand(400, 720, 3), torch.randn(16000 * 2) * 0.1, "a person", size="384*256",
+                         num_clips=1, steps=2, seed=0)
+    next(engine.sample(job, report=said.append))
+    assert said == []                                          # the mode it was loaded in
+    monkeypatch.setattr(engine, "run_mode", lambda plan: with_host_caches(engine.mode))
+    next(engine.sample(job, report=said.append))
+    assert said == [f"memory_mode 'auto': size {job.plan.width}*{job.plan.height} at 2 steps does not fit 'quality' "
+                    "on this GPU; its caches go to host RAM, as in 'low_vram'"]
