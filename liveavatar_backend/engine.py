@@ -268,12 +268,12 @@ class LiveAvatarEngine:
             yield from self.workers.sample(job.plan, cond.text_states, cond.ref_latent, cond.motion_latents,
                                            cond.audio_features, on_progress=on_progress, should_stop=should_stop)
             return
-        self.check_fits(job.plan)
         on_gpu = self.device.type == "cuda"
         mode = self.run_mode(job.plan)              # the engine's own on the CPU
-        if mode is not self.mode:
+        if mode is not self.mode:                   # said first: the RAM check below may refuse the move
             report(f"memory_mode 'auto': size {job.plan.width}*{job.plan.height} at {job.plan.steps} steps does "
                    f"not fit {self.mode.name!r} on this GPU; its caches go to host RAM, as in 'low_vram'")
+        self.check_fits(job.plan)
         sampler = BlockSampler(self.dit, job.plan, job.cond, offload_caches=mode.offload_caches and on_gpu,
                                cuda_graphs=on_gpu and not mode.offload_caches, fp8_attention=mode.fp8_attention)
         for clip in sampler.clips(on_progress=on_progress, should_stop=should_stop):

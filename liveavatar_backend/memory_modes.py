@@ -12,7 +12,8 @@ Hopper or newer, the cuDNN frontend installed).
 
 `auto` is a choice, not a mode: at load it becomes `quality`, `balanced` or `low_vram` by the free
 memory of the (first) GPU, whichever keeps the most quality while the 384*256 preview still fits
-(`resolve_auto`). It never picks `fast`, whose change to the output is larger.
+(`resolve_auto`). It never picks `fast`, whose change to the output is larger. A run whose caches
+then do not fit the GPU keeps them in host RAM (`with_host_caches`, `engine.run_mode`).
 
 GPUs without FP8 matrix units (before Ada: an A100, an RTX 3090) run `balanced` and `low_vram` with
 the same e4m3 weights multiplied in bf16 (`fp8.WeightOnlyFP8`): FP8's memory, not its speed (each

@@ -145,10 +145,11 @@ def render(engine, job, write_frames: Callable[[torch.Tensor], None], *, decode:
     make_bar = progress or _NoBar
     with make_bar(total=job.plan.total_block_steps, unit="block-step", desc="generating") as bar:
         if placement == "alongside":
-            _sample_decoding_alongside(engine, job, decoder, write_frames, bar)
+            _sample_decoding_alongside(engine, job, decoder, write_frames, bar, report)
             return placement
         with LatentSpill(spill_dir) as spill:
-            for clip in engine.sample(job, on_progress=lambda event: bar.update(event.done - bar.n)):
+            for clip in engine.sample(job, on_progress=lambda event: bar.update(event.done - bar.n),
+                                      report=report):
                 spill.append(clip)
             bar.close()
             if engine.device.type == "cuda":
@@ -161,7 +162,7 @@ def render(engine, job, write_frames: Callable[[torch.Tensor], None], *, decode:
     return placement
 
 
-def _sample_decoding_alongside(engine, job, decoder, write_frames, bar) -> None:
+def _sample_decoding_alongside(engine, job, decoder, write_frames, bar, report) -> None:
     def on_progress(event):
         bar.update(event.done - bar.n)
         if event.latents is not None:
@@ -169,7 +170,7 @@ def _sample_decoding_alongside(engine, job, decoder, write_frames, bar) -> None:
             for frames in decoder.collect():
                 write_frames(frames)
 
-    for _ in engine.sample(job, on_progress=on_progress):
+    for _ in engine.sample(job, on_progress=on_progress, report=report):
         pass
     for frames in decoder.collect(wait=True):
         write_frames(frames)

@@ -89,6 +89,12 @@ def test_decoding_after_sampling_gives_the_same_frames(tiny_engine, tmp_path, mo
     assert [(b.desc, b.n, b.total) for b in bars] == [("generating", 2 * 4 * 2, 16), ("generating", 16, 16),
                                                       ("decoding", 2, 2)]
     assert os.listdir(tmp_path) == []
+    # where 'auto' moves a run's caches to host RAM, the command line says so too
+    from liveavatar_backend.memory_modes import with_host_caches
+    monkeypatch.setattr(engine, "run_mode", lambda plan: with_host_caches(engine.mode))
+    messages.clear()
+    render(engine, job, lambda frames: None, spill_dir=tmp_path, progress=Bar, report=messages.append)
+    assert any("its caches go to host RAM" in message for message in messages)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
