@@ -25,8 +25,9 @@ NOTE = {
                     "clip by clip straight into the mp4, so any length fits in memory.\n",
 }
 MEMORY_NOTE = ("memory_mode 'auto' picks by the GPU's free memory at load: quality (bf16) from 49 GB, balanced "
-               "(FP8; its caches go to host RAM for a size that does not fit) from 33 GB, else low_vram (24 GB "
-               "cards); the log says which. 704*384 fits 80 GB cards in "
+               "(FP8) from 33 GB, else low_vram (24 GB cards); the loader node says which, and a size whose caches "
+               "do not fit keeps them in host RAM. GPUs before Ada (RTX 3090, A100) multiply the FP8 weights in "
+               "bf16. 704*384 fits 80 GB cards in "
                "quality or balanced, 48 GB ones in fast (Hopper or newer), 24 GB ones in low_vram (with about 58 GB "
                "of RAM) (README, VRAM guidance).\n")
 MODELS_NOTE = ("Model files (see README): models/liveavatar/Wan2.2-S2V-14B/ (the Wan-AI/Wan2.2-S2V-14B folder) and "
