@@ -27,9 +27,10 @@ LiveAvatarModel = io.Custom("LIVEAVATAR_MODEL")
 
 class LoadedModel:
     """What a LIVEAVATAR_MODEL carries: the engine, which ComfyUI may unload ("Unload Models", "Free
-    model and node cache", an out-of-memory error, --disable-smart-memory) and which loads itself
-    again, from the same files, the next time a node uses it. One model set is loaded at a time
-    (14B does not fit twice): loading one unloads whichever other handle holds its engine.
+    model and node cache", an out-of-memory error, one of its own models that needs the GPU,
+    --disable-smart-memory) and which loads itself again, from the same files, the next time a
+    node uses it. One model set is loaded at a time (14B does not fit twice): loading one unloads
+    whichever other handle holds its engine.
 
     The decoders need only the VAE: while the engine is unloaded they load the VAE alone (0.25 GB)
     instead of the whole set (17-33 GB), e.g. when only a decode setting changed after an unload."""
@@ -84,6 +85,16 @@ class LoadedModel:
         if _current is not self:
             unload_current()
             _current = self
+
+    def devices(self) -> set[torch.device]:
+        """The devices on which this handle holds memory now, named as ComfyUI names them."""
+        if self._engine is not None:
+            names = [self._engine.device] + (self._engine.workers.devices if self._engine.workers else [])
+        elif self._decoder_only is not None:
+            names = [self._decoder_only.vae.device]
+        else:
+            names = []
+        return {comfyui_device(name) for name in names if not str(name).startswith("external:")}
 
     def unload(self) -> None:
         engine, decoder_only = self._engine, self._decoder_only
@@ -143,7 +154,49 @@ def follow_comfyui_unloads() -> None:
     mm.unload_all_models = unload_all_models
 
 
+_making_room_for_this_pack = False     # set while `make_room` asks ComfyUI for room for this pack
+
+
+def give_way_to_comfyui_models() -> None:
+    """Make ComfyUI's `free_memory` unload this pack's model when ComfyUI's own models need its GPU:
+    when ComfyUI loads a model (or its VAE, an upscaler...) it first unloads its own models there until
+    enough is free; if that is not enough while this pack holds 17-33 GB there, this pack's model goes
+    too (it loads again when a node next uses it), as one of ComfyUI's own would. Without this
+    ComfyUI would squeeze its model into what is left, or run out of memory. With
+    --disable-smart-memory ComfyUI unloads all its models before loading one, so this pack's goes
+    as well. Requests this pack makes for itself (`make_room`) never unload it. Installed once."""
+    original = mm.free_memory
+    if getattr(original, "yields_to_comfyui", False):
+        return
+
+    @functools.wraps(original)
+    def free_memory(memory_required, device, *args, **kwargs):
+        unloaded = original(memory_required, device, *args, **kwargs)
+        try:
+            if _comfyui_needs_the_memory(memory_required, device):
+                log.info("ComfyUI needs %s on %s for its own models: unloading the Live Avatar model "
+                         "(it loads again when a node next uses it)", _gb(memory_required), device)
+                unload_current()
+        except Exception:                        # ComfyUI's load goes on either way
+            log.exception("unloading the Live Avatar model for ComfyUI's models failed")
+        return unloaded
+
+    free_memory.yields_to_comfyui = True
+    mm.free_memory = free_memory
+
+
+def _comfyui_needs_the_memory(memory_required: float, device) -> bool:
+    if _making_room_for_this_pack or _current is None or comfyui_device(device) not in _current.devices():
+        return False
+    return mm.DISABLE_SMART_MEMORY or mm.get_free_memory(device) < memory_required
+
+
+def _gb(size: float) -> str:
+    return "all its memory" if size >= 1e20 else f"{size / 1e9:.1f} GB"
+
+
 follow_comfyui_unloads()
+give_way_to_comfyui_models()
 
 
 def make_room(device: str | torch.device, required_bytes: float) -> None:
@@ -151,10 +204,20 @@ def make_room(device: str | torch.device, required_bytes: float) -> None:
     `required_bytes` are free there. ComfyUI does not count this pack's memory, so it would keep
     them and the Live Avatar model or its caches would run out of memory instead. On the CPU this
     only updates ComfyUI's books (its models stay in RAM either way)."""
+    global _making_room_for_this_pack
+    _making_room_for_this_pack = True
+    try:
+        mm.free_memory(required_bytes, comfyui_device(device))
+    finally:
+        _making_room_for_this_pack = False
+
+
+def comfyui_device(device: str | torch.device) -> torch.device:
+    """`device` as ComfyUI names it: GPUs with their index."""
     device = torch.device(device)
-    if device.type == "cuda" and device.index is None:     # ComfyUI names its GPUs with their index
+    if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    mm.free_memory(required_bytes, device)
+    return device
 
 
 def _devices(devices: str) -> str:

@@ -1,7 +1,9 @@
 """Fixtures shared by the ComfyUI tests: tiny checkpoints in ComfyUI's model folders, the pack's
-example inputs, and a real ComfyUI 0.3.75 host (scripts/setup_host.sh) booted headless on CPU."""
+example inputs, a real ComfyUI 0.3.75 host (scripts/setup_host.sh) booted headless on CPU, and the
+pack imported in this process beside ComfyUI's own modules (`pack`)."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import socket
 import subprocess
@@ -9,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 HOST = Path(os.environ.get("LIVEAVATAR_HOST_DIR", ROOT / ".comfyui-host"))
@@ -79,3 +82,37 @@ def comfy(tmp_path_factory, tiny_models):
     except subprocess.TimeoutExpired:
         process.kill()
     log.close()
+
+
+@pytest.fixture(scope="module")
+def pack():
+    """The pack imported as ComfyUI imports a custom node package, beside ComfyUI's own modules."""
+    if not (HOST / "ComfyUI" / "main.py").exists():
+        pytest.skip(f"no ComfyUI host at {HOST}: run scripts/setup_host.sh (scripts/test.sh does)")
+    path, modules = list(sys.path), set(sys.modules)
+    sys.path.append(str(HOST / "ComfyUI"))
+    from comfy.cli_args import args
+    args.cpu = True                       # as the host tests boot it: no GPU driver is probed
+    spec = importlib.util.spec_from_file_location("liveavatar_pack", ROOT / "__init__.py",
+                                                  submodule_search_locations=[str(ROOT)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["liveavatar_pack"] = module
+    spec.loader.exec_module(module)
+    yield module
+    sys.path[:] = path                    # ComfyUI's modules and the pack's copy leave with it
+    comfyui = str(HOST / "ComfyUI")
+    for name in set(sys.modules) - modules:
+        source = getattr(sys.modules[name], "__file__", None) or ""
+        if name.split(".")[0] == "liveavatar_pack" or source.startswith(comfyui):
+            del sys.modules[name]
+
+
+def load_a_comfyui_model():
+    """A core model as ComfyUI holds one after a workflow: in `current_loaded_models` on its device.
+    Returns (the model, the list); ComfyUI forgets a model nobody references, so keep the first."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    patcher = comfy.model_patcher.ModelPatcher(torch.nn.Linear(8, 8), load_device=mm.get_torch_device(),
+                                               offload_device=torch.device("cpu"))
+    mm.load_models_gpu([patcher])
+    return patcher, mm.current_loaded_models

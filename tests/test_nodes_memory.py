@@ -2,7 +2,6 @@
 pack's memory, so before loading and before sampling the pack asks ComfyUI to move its own models
 out of the way."""
 import gc
-import importlib.util
 import sys
 import types
 import weakref
@@ -10,41 +9,7 @@ import weakref
 import pytest
 import torch
 
-from conftest import HOST, ROOT
-
-
-@pytest.fixture(scope="module")
-def pack():
-    """The pack imported as ComfyUI imports a custom node package, beside ComfyUI's own modules."""
-    if not (HOST / "ComfyUI" / "main.py").exists():
-        pytest.skip(f"no ComfyUI host at {HOST}: run scripts/setup_host.sh (scripts/test.sh does)")
-    path, modules = list(sys.path), set(sys.modules)
-    sys.path.append(str(HOST / "ComfyUI"))
-    from comfy.cli_args import args
-    args.cpu = True                       # as the host tests boot it: no GPU driver is probed
-    spec = importlib.util.spec_from_file_location("liveavatar_pack", ROOT / "__init__.py",
-                                                  submodule_search_locations=[str(ROOT)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["liveavatar_pack"] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.path[:] = path                    # ComfyUI's modules and the pack's copy leave with it
-    comfyui = str(HOST / "ComfyUI")
-    for name in set(sys.modules) - modules:
-        source = getattr(sys.modules[name], "__file__", None) or ""
-        if name.split(".")[0] == "liveavatar_pack" or source.startswith(comfyui):
-            del sys.modules[name]
-
-
-def load_a_comfyui_model():
-    """A core model as ComfyUI holds one after a workflow: in `current_loaded_models` on its device.
-    Returns (the model, the list); ComfyUI forgets a model nobody references, so keep the first."""
-    import comfy.model_management as mm
-    import comfy.model_patcher
-    patcher = comfy.model_patcher.ModelPatcher(torch.nn.Linear(8, 8), load_device=mm.get_torch_device(),
-                                               offload_device=torch.device("cpu"))
-    mm.load_models_gpu([patcher])
-    return patcher, mm.current_loaded_models
+from conftest import load_a_comfyui_model
 
 
 def test_make_room_unloads_comfyuis_models_only_as_far_as_needed(pack):

@@ -1,0 +1,129 @@
+"""ComfyUI's own models get the GPU when they need it: when ComfyUI loads one of its models and
+unloading its own others does not free enough, the pack's model is unloaded too (ComfyUI does not
+know it, so it would squeeze its model into what is left or run out of memory). The pack's own
+requests for room never unload the pack's model.
+
+A GPU is played by the meta device: ComfyUI loads a model there as onto a GPU (a CPU device it
+skips), and its free memory is what the test says."""
+import logging
+import types
+
+import pytest
+import torch
+
+from conftest import load_a_comfyui_model
+
+GPU = torch.device("meta")
+
+
+@pytest.fixture
+def free_on_gpu(pack, monkeypatch):
+    """Set the free memory ComfyUI sees on every device (bytes); 40 GB to begin with."""
+    import comfy.model_management as mm
+    free = {"bytes": 40e9}
+
+    def get_free_memory(dev=None, torch_free_too=False):
+        return (free["bytes"], free["bytes"]) if torch_free_too else free["bytes"]
+    monkeypatch.setattr(mm, "get_free_memory", get_free_memory)
+    yield free
+    from liveavatar_pack.nodes import loader
+    loader.unload_current()
+
+
+def fake_engine(device=GPU, worker_devices=None):
+    workers = types.SimpleNamespace(devices=worker_devices) if worker_devices else None
+    return types.SimpleNamespace(device=torch.device(device), workers=workers, close=lambda: None)
+
+
+def comfyui_loads_a_model_on(device):
+    """ComfyUI's own load of a small model (its VAE, an upscaler...) onto `device`: it asks for about
+    1.3 GB there (the model and ComfyUI's inference reserve)."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    patcher = comfy.model_patcher.ModelPatcher(torch.nn.Linear(8, 8), load_device=device,
+                                               offload_device=torch.device("cpu"))
+    mm.load_models_gpu([patcher])
+    return patcher
+
+
+def test_comfyuis_model_that_does_not_fit_beside_it_unloads_it(pack, free_on_gpu, caplog):
+    from liveavatar_pack.nodes import loader
+    caplog.set_level(logging.INFO, logger="liveavatar")
+    loads = []
+
+    def load():
+        loads.append(1)
+        return fake_engine()
+    model = loader.current_model(("gives way",), load)
+    model.engine()
+    comfyui_loads_a_model_on(GPU)             # 40 GB free: room enough, the model stays
+    assert model.loaded and "unloading" not in caplog.text
+    free_on_gpu["bytes"] = 0.5e9
+    comfyui_loads_a_model_on(GPU)
+    assert not model.loaded
+    assert "ComfyUI needs 1.3 GB on meta for its own models: unloading the Live Avatar model" in caplog.text
+    model.engine()                            # the next node that uses it loads it again
+    assert model.loaded and len(loads) == 2
+
+
+def test_a_model_on_another_gpu_stays_and_any_gpu_of_a_split_model_counts(pack, free_on_gpu):
+    from liveavatar_pack.nodes import loader
+    free_on_gpu["bytes"] = 0.5e9
+    model = loader.current_model(("elsewhere",), lambda: fake_engine("cuda:1"))
+    model.engine()
+    comfyui_loads_a_model_on(GPU)
+    assert model.loaded
+    split = loader.current_model(("split",), lambda: fake_engine("cuda:1", ["cuda:1", "meta"]))
+    split.engine()
+    comfyui_loads_a_model_on(GPU)             # the second worker's GPU
+    assert not split.loaded
+
+
+def test_the_vae_alone_gives_way_too(pack, free_on_gpu):
+    from liveavatar_pack.nodes import loader
+    free_on_gpu["bytes"] = 0.5e9
+    vae_alone = types.SimpleNamespace(vae=types.SimpleNamespace(device=GPU))
+    model = loader.current_model(("vae alone",), lambda: fake_engine(), lambda: vae_alone)
+    model._decoder_only = vae_alone           # as after `decoder` loaded it while the engine was unloaded
+    loader._current = model
+    assert model.devices() == {GPU}
+    comfyui_loads_a_model_on(GPU)
+    assert model._decoder_only is None
+
+
+def test_the_packs_own_requests_for_room_never_unload_it(pack, free_on_gpu, tiny_engine):
+    from liveavatar_pack.nodes import loader
+    from liveavatar_pack.nodes.sampler import LiveAvatarSampler
+    model = loader.current_model(("own",), fake_engine)
+    model.engine()
+    loader.make_room(GPU, float("inf"))      # what the loader and the sampler ask for before they work
+    assert model.loaded
+    core_model, loaded = load_a_comfyui_model()
+    liveavatar = loader.current_model(("tiny engine",), lambda: tiny_engine)
+    voice = {"waveform": torch.randn(1, 1, 16000 * 2) * 0.1, "sample_rate": 16000}
+    LiveAvatarSampler.execute(liveavatar, torch.rand(1, 400, 720, 3), voice, "a person", "custom",
+                              "256*192", 1, 2, 7)
+    assert liveavatar.loaded and loaded == []   # ComfyUI's model made room; the pack's stayed
+
+
+def test_with_smart_memory_off_any_comfyui_load_there_unloads_it(pack, free_on_gpu, monkeypatch):
+    """--disable-smart-memory: ComfyUI unloads all its models on a device before loading one there."""
+    import comfy.model_management as mm
+    from liveavatar_pack.nodes import loader
+    monkeypatch.setattr(mm, "DISABLE_SMART_MEMORY", True)
+    model = loader.current_model(("smart memory off",), fake_engine)
+    model.engine()
+    comfyui_loads_a_model_on(GPU)             # 40 GB free, and still
+    assert not model.loaded
+
+
+def test_a_failing_unload_is_logged_and_comfyuis_load_goes_on(pack, free_on_gpu, caplog):
+    from liveavatar_pack.nodes import loader
+    free_on_gpu["bytes"] = 0.5e9
+
+    def close():
+        raise RuntimeError("the device went away")
+    model = loader.current_model(("broken",), lambda: types.SimpleNamespace(device=GPU, workers=None, close=close))
+    model.engine()
+    patcher = comfyui_loads_a_model_on(GPU)
+    assert patcher.model.weight.device == GPU and "the device went away" in caplog.text
