@@ -132,7 +132,7 @@ class LiveAvatarEngine:
                                                     lora_scale=spec.lora_scale, fp8=mode.fp8_weights,
                                                     offload_caches=mode.offload_caches, random=None,
                                                     memory_mode=mode.name), report=report)
-            workers.start()
+            workers.start(on_read=load_progress.dit_read)
         else:
             check_weights_fit(cfg, mode, device, free_gpu_bytes(device) if on_gpu else free_host_bytes())
             report(f"loading DiT from {spec.dit}" + (f", merging LoRA {spec.lora}" if spec.lora else "")
@@ -287,10 +287,9 @@ def _load_encoders_and_vae(spec: ModelSpec, mode, device: str, dtype: torch.dtyp
     on the CPU."""
     on_gpu = torch.device(device).type == "cuda"
     encoder_device = device if on_gpu and not mode.offload_caches else "cpu"
-    text = TextEncoder.load(spec.text_encoder, spec.tokenizer, "cpu", dtype)
-    if on_gpu and not mode.offload_caches:
-        for tensor in _weights_of(text.model):      # page-locked: the per-prompt copy runs at full bus speed
-            tensor.data = tensor.data.pin_memory()
+    # page-locked: the per-prompt copy to the GPU runs at full bus speed
+    text = TextEncoder.load(spec.text_encoder, spec.tokenizer, "cpu", dtype,
+                            pin_memory=on_gpu and not mode.offload_caches, on_read=load_progress.text_encoder_read)
     load_progress.text_encoder_done()
     vae = _load_vae(spec, mode, device, dtype)
     audio = AudioFeatureExtractor.load(spec.audio_encoder, encoder_device, torch.float32)

@@ -169,7 +169,8 @@ def load_dit(path: str | Path, *, device="cpu", dtype=torch.bfloat16, cfg: DiTCo
 
 class LoadProgress:
     """A model set's load as fractions 0..1 for a progress bar, said at most once per percent; the
-    DiT's part moves with every tensor read. `say` may raise (ComfyUI's interrupt) to stop the load."""
+    DiT's and the text encoder's parts move with every tensor read (a split DiT's with its workers'
+    reports). `say` may raise (ComfyUI's interrupt) to stop the load."""
     # the 14B set's parameters (spec §1): DiT 16.30 B, umT5-XXL 5.68 B, wav2vec2 and VAE 0.45 B
     DIT_SHARE, TEXT_SHARE = 0.73, 0.25
 
@@ -188,6 +189,9 @@ class LoadProgress:
 
     def dit_done(self) -> None:
         self._at(self.DIT_SHARE)
+
+    def text_encoder_read(self, fraction: float) -> None:
+        self._at(self.DIT_SHARE + self.TEXT_SHARE * fraction)
 
     def text_encoder_done(self) -> None:
         self._at(self.DIT_SHARE + self.TEXT_SHARE)

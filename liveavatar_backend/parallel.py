@@ -124,11 +124,13 @@ class PipelineWorkers:
     def running(self) -> bool:
         return bool(self.workers) and all(w.exit_code() is None and not w.conn.closed for w in self.workers)
 
-    def start(self) -> None:
-        """Start one worker per device, load the weights in each, wait until all are ready."""
+    def start(self, on_read: Callable[[int], None] | None = None) -> None:
+        """Start one worker per device, load the weights in each, wait until all are ready.
+        `on_read` hears the DiT elements the workers have read as they report them (a progress bar;
+        it may raise to stop the load, which ends the workers)."""
         self.close()
         if self.external:
-            return self._start_external()
+            return self._start_external(on_read)
         key = secrets.token_bytes(16)
         listener = Listener(("127.0.0.1", 0), authkey=key)
         package = Path(__file__).resolve().parent
@@ -152,7 +154,7 @@ class PipelineWorkers:
             self._accept(listener)
             for worker in self.workers:
                 send_message(worker.conn, dict(self.load))
-            self.ready_bytes = [message[2] for message in self._collect("ready")]
+            self.ready_bytes = [message[2] for message in self._collect("ready", on_read)]
         except BaseException:
             self.close()
             raise
@@ -160,7 +162,7 @@ class PipelineWorkers:
             listener.close()
         self.report(f"{len(self.devices)} pipeline workers ready on {', '.join(self.devices)}")
 
-    def _start_external(self) -> None:
+    def _start_external(self, on_read: Callable[[int], None] | None) -> None:
         """Wait for N torchrun-started workers to connect, then load as usual."""
         if AUTHKEY_ENV not in os.environ or CONTROLLER_ENV not in os.environ:
             raise InputError(f"devices {self.devices[0]!r}: set {CONTROLLER_ENV}=host:port (this process listens "
@@ -173,7 +175,7 @@ class PipelineWorkers:
             self._accept(listener, timeout=EXTERNAL_CONNECT_SECONDS)
             for worker in self.workers:
                 send_message(worker.conn, dict(self.load))
-            self.ready_bytes = [message[2] for message in self._collect("ready")]
+            self.ready_bytes = [message[2] for message in self._collect("ready", on_read)]
         except BaseException:
             self.close()
             raise
@@ -273,10 +275,12 @@ class PipelineWorkers:
             self._fail(detail, error_type)
         self._fail(f"pipeline worker {worker.rank} ({worker.device}) failed: {text}")
 
-    def _collect(self, kind: str) -> list[tuple]:
-        """Wait for one `kind` message from every worker (by rank)."""
+    def _collect(self, kind: str, on_read: Callable[[int], None] | None = None) -> list[tuple]:
+        """Wait for one `kind` message from every worker (by rank); `on_read` hears their load reports."""
         got: dict[int, tuple] = {}
         for message in self._messages():
+            if message[0] == "loading" and on_read is not None:
+                on_read(message[2])
             if message[0] == kind:
                 got[message[1]] = message
                 if len(got) == len(self.workers):

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import math
 import os
 import sys
 import traceback
 from multiprocessing.connection import Client
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -31,6 +33,7 @@ AUTHKEY_ENV = "LIVEAVATAR_AUTHKEY"
 DEVICE_ENV = "LIVEAVATAR_DEVICE"                 # set by the controller; torchrun: cuda:LOCAL_RANK
 MEMORY_CAP_ENV = "LIVEAVATAR_MEMORY_CAP_GB"      # optional per-process cap (benchmarks, tests)
 AUDIO_PREFETCH_CLIPS = 2                         # rank 0 asks for this many clips of features ahead
+LOAD_REPORTS_PER_RANK = 50                       # a rank's load moves the loader's bar in ~2 % steps
 
 
 def send_message(conn, message) -> None:
@@ -51,11 +54,13 @@ def _device(local_rank: int) -> torch.device:
     return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
 
 
-def load_stage_model(load: dict, rank: int, world: int, device: torch.device):
-    """The DiT parameters of this rank's layer range: from the checkpoint, or random (benchmarks)."""
+def load_stage_model(load: dict, rank: int, world: int, device: torch.device,
+                     on_read: Callable[[int, int], None] | None = None):
+    """The DiT parameters of this rank's layer range: from the checkpoint, or random (benchmarks).
+    `on_read` hears (elements read, elements this rank reads in all) after each tensor read."""
     from . import block_ops
     from .config import DiTConfig
-    from .loading import assemble_dit, dit_config_for, load_dit
+    from .loading import assemble_dit, dit_config_for, expected_shapes, load_dit
     from .lora import read_lora
     from .memory_budget import check_weights_fit, free_gpu_bytes, free_host_bytes
     from .memory_modes import memory_mode
@@ -73,9 +78,14 @@ def load_stage_model(load: dict, rank: int, world: int, device: torch.device):
         cfg = dit_config_for(Path(load["dit"]))
 
         def make_part(wanted):
-            return load_dit(load["dit"], device=device, dtype=dtype, cfg=cfg, keep=wanted)
+            return load_dit(load["dit"], device=device, dtype=dtype, cfg=cfg, keep=wanted, on_read=read)
     layers = stage_layers(cfg.num_layers, world)[rank]
     keep = stage_parameters(cfg, layers, rank == 0, rank == world - 1)
+    share = sum(math.prod(shape) for name, shape in expected_shapes(cfg).items() if keep(name))
+
+    def read(elements: int) -> None:
+        if on_read is not None:
+            on_read(elements, share)
     if load.get("memory_mode"):                 # a checkpoint's load (benchmarks make random weights)
         free = free_gpu_bytes(device) if device.type == "cuda" else free_host_bytes()
         check_weights_fit(cfg, memory_mode(load["memory_mode"]), device, free, keep)
@@ -157,12 +167,26 @@ class ControllerLink:
         self._flush(wait=True)
 
 
+class LoadReports:
+    """Tells the controller how much of its share this rank has read: ("loading", rank, elements
+    since the last report), about every LOAD_REPORTS_PER_RANK-th of the share."""
+
+    def __init__(self, conn, rank: int):
+        self.conn, self.rank, self.unreported = conn, rank, 0
+
+    def __call__(self, elements: int, share: int) -> None:
+        self.unreported += elements
+        if self.unreported * LOAD_REPORTS_PER_RANK >= share:
+            send_message(self.conn, ("loading", self.rank, self.unreported))
+            self.unreported = 0
+
+
 def serve(conn, rank: int, world: int, device: torch.device) -> None:
     from .pipeline import GenerationPlan
     from .stage import PipelineStage, StageJob
 
     load = recv_message(conn)
-    dit = load_stage_model(load, rank, world, device)
+    dit = load_stage_model(load, rank, world, device, on_read=LoadReports(conn, rank))
     stage = PipelineStage(dit, rank, world, offload_caches=load["offload_caches"])
     dist.barrier()
     send_message(conn, ("ready", rank, torch.cuda.memory_allocated(device) if device.type == "cuda" else 0))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import html
 import json
+import math
 import re
 from pathlib import Path
 from typing import Callable, Mapping
@@ -185,11 +186,16 @@ def check_names_and_shapes(model: torch.nn.Module, shapes: Mapping[str, tuple[in
 
 
 def load_umt5_encoder(path: Path | str, device: torch.device | str = "cpu",
-                      dtype: torch.dtype = torch.bfloat16) -> UMT5EncoderModel:
+                      dtype: torch.dtype = torch.bfloat16, *, pin_memory: bool = False,
+                      on_read: Callable[[float], None] | None = None) -> UMT5EncoderModel:
     """Strictly load Wan's `.pth` or ComfyUI's fp16 / scaled-fp8 safetensors into UMT5EncoderModel.
 
     ComfyUI's scaled fp8 stores each Linear `weight` in float8 plus a scalar `scale_weight`
     (default 1); the real weight is weight.float() * scale_weight (comfy/ops.py convert_weight).
+
+    `pin_memory` page-locks each host tensor as it is read (a `.pth` is memory-mapped, so for it
+    this is where the file is read); `on_read` hears the fraction of the file's elements done so
+    far after each tensor, and may raise to stop the load.
     """
     path = Path(path)
     shapes_in_file, read = _open_tensors(path)
@@ -199,6 +205,7 @@ def load_umt5_encoder(path: Path | str, device: torch.device | str = "cpu",
     check_names_and_shapes(model, shapes, path, is_wan)
 
     state: dict[str, torch.Tensor] = {}
+    total, done = sum(math.prod(shape) for shape in shapes.values()), 0
     for hf, key in hf_to_file.items():
         try:
             tensor = read(key)
@@ -206,11 +213,15 @@ def load_umt5_encoder(path: Path | str, device: torch.device | str = "cpu",
                 scale_key = key.rsplit(".", 1)[0] + ".scale_weight"
                 scale = read(scale_key).float() if scale_key in shapes_in_file else torch.tensor(1.0)
                 tensor = tensor.float() * scale
-            state[hf] = tensor.to(device=device, dtype=dtype)
+            tensor = tensor.to(device=device, dtype=dtype)
+            state[hf] = tensor.pin_memory() if pin_memory else tensor
         except CheckpointError:
             raise
         except Exception as exc:  # a file cut short inside the data region fails here
             raise CheckpointError(f"{path}: cannot read key {key!r}: {exc}") from exc
+        done += tensor.numel()
+        if on_read is not None:
+            on_read(done / total)
     if _TIED_EMBEDDING in model.state_dict():
         state[_TIED_EMBEDDING] = state["shared.weight"]
     model.load_state_dict(state, strict=True, assign=True)
@@ -279,14 +290,16 @@ class TextEncoder:
 
     @classmethod
     def load(cls, t5_path: Path | str, tokenizer_dir: Path | str | None = None,
-             device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16) -> "TextEncoder":
+             device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16, *,
+             pin_memory: bool = False, on_read: Callable[[float], None] | None = None) -> "TextEncoder":
         """tokenizer_dir: the `google/umt5-xxl` folder; None takes the tokenizer stored in a
-        ComfyUI file (`spiece_model`). The tokenizer is read first: it fails fast and cheaply."""
+        ComfyUI file (`spiece_model`). The tokenizer is read first: it fails fast and cheaply.
+        `pin_memory`, `on_read`: see `load_umt5_encoder`."""
         if tokenizer_dir is None:
             tokenizer, source = SentencePieceTokenizer.from_checkpoint(t5_path), t5_path
         else:
             tokenizer, source = load_umt5_tokenizer(tokenizer_dir), tokenizer_dir
-        model = load_umt5_encoder(t5_path, device, dtype)
+        model = load_umt5_encoder(t5_path, device, dtype, pin_memory=pin_memory, on_read=on_read)
         if len(tokenizer) > model.config.vocab_size:
             raise CheckpointError(f"{t5_path}: embedding has {model.config.vocab_size} rows but the "
                                   f"tokenizer in {source} has {len(tokenizer)} tokens")

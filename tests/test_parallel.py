@@ -242,6 +242,26 @@ def test_a_bad_vae_read_after_the_dit_ends_the_workers_with_the_load(spec, tmp_p
     assert _all_workers() <= before, failure.value        # checked while the exception is referenced
 
 
+def test_a_split_models_load_moves_the_progress_bar_as_its_workers_read_and_stops_there(spec):
+    from liveavatar_backend.engine import LiveAvatarEngine
+    from liveavatar_backend.loading import LoadProgress
+    heard = []
+    LiveAvatarEngine.load(spec, device="cpu,cpu", progress=heard.append).close()
+    assert heard == sorted(set(heard)) and heard[-1] == 1.0
+    assert len([f for f in heard if f < LoadProgress.DIT_SHARE]) > 10       # the workers' reports
+
+    class Cancel(Exception):
+        pass
+
+    def cancel_at_a_third(fraction):
+        if fraction > 0.33:
+            raise Cancel
+    before = _all_workers()
+    with pytest.raises(Cancel):
+        LiveAvatarEngine.load(spec, device="cpu,cpu", progress=cancel_at_a_third)
+    assert _all_workers() <= before                      # the cancel ended the workers
+
+
 def test_workers_started_by_torchrun_give_the_same_latents(spec, reference, monkeypatch):
     """The multi-host path: torchrun starts the ranks (env:// rendezvous), the controller waits for them."""
     import secrets

@@ -104,6 +104,7 @@ def test_on_the_gpu_auto_measures_the_decoder_and_streams_where_it_fits(tmp_path
     tiny = make_tiny_checkpoints(tmp_path / "tiny")
     spec = ModelSpec.from_folder(tiny / "Wan2.2-S2V-14B", lora=tiny / "liveavatar.safetensors")
     engine = LiveAvatarEngine.load(spec, device="cuda", memory_mode="quality")
+    assert all(weight.is_pinned() for weight in engine.text_encoder.model.parameters())   # fast per-prompt copies
     portrait, voice = torch.rand(400, 720, 3), torch.randn(16000 * 4) * 0.1     # 4 s of voice: 3 clips
     job = engine.prepare(portrait, voice, "a person", size="384*256", num_clips=3, steps=2, seed=7)
     assert primed_decoder(engine, job)[1] > 0            # the decoder's working memory, measured
