@@ -50,7 +50,8 @@ def tiny_dit(seed: int = 0) -> LiveAvatarDiT:
 
 
 def write_sharded_dit(model: LiveAvatarDiT, folder: Path, num_shards: int = NUM_SHARDS) -> None:
-    """config.json + N bf16 safetensors shards + the index, named like the published files."""
+    """config.json + N bf16 safetensors shards + the index, named like the published files (a
+    model on the GPU is copied to host memory one shard at a time)."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(model.cfg.to_json_dict(), indent=2))
     names = list(model.state_dict())
@@ -60,7 +61,7 @@ def write_sharded_dit(model: LiveAvatarDiT, folder: Path, num_shards: int = NUM_
     for shard in range(num_shards):
         keys = names[shard * per_shard: (shard + 1) * per_shard]
         file = SHARD_NAME.format(shard + 1, num_shards)
-        save_file({k: state[k] for k in keys}, str(folder / file), metadata={"format": "pt"})
+        save_file({k: state[k].cpu() for k in keys}, str(folder / file), metadata={"format": "pt"})
         weight_map.update({k: file for k in keys})
     total = sum(t.numel() * t.element_size() for t in state.values())
     (folder / DIT_INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
