@@ -8,7 +8,8 @@ wav2vec2-large's 24 layers of 1024 (with the test writer's small feature extract
 set with `LiveAvatarEngine.load` in a fresh process per row, the files in the page cache (`warm`)
 or dropped from it first (`cold`: fsync + POSIX_FADV_DONTNEED per file), and reports the seconds
 to the DiT's end of the bar (73 %), to the text encoder's (98 %) and to the end, the longest time
-the bar stood still, and the GPU and host peaks.
+the bar stood still, the GPU and host peaks, and on a GPU the seconds to park the loaded weights in
+host RAM and to bring them back (`LiveAvatarEngine.park` / `unpark`).
 
     python bench/bench_load.py --dir /tmp/liveavatar-14b --modes quality balanced --caches warm cold
 """
@@ -109,6 +110,14 @@ def load_once(out: Path, mode: str, device: str) -> dict:
            "gpu_after_load_gb": torch.cuda.memory_allocated() / 1e9 if on_gpu else 0.0,
            "host_peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,
            "text_encoder_pinned": all(w.is_pinned() for w in engine.text_encoder.model.parameters())}
+    if engine.parkable:                  # what giving the GPU to ComfyUI's models costs (nodes/loader.py)
+        for step in ("park", "unpark"):
+            moved = time.perf_counter()
+            getattr(engine, step)()
+            torch.cuda.synchronize()
+            row[f"{step}_s"] = time.perf_counter() - moved
+            torch.cuda.empty_cache()
+            row[f"gpu_after_{step}_gb"] = torch.cuda.memory_allocated() / 1e9
     return row
 
 
@@ -147,10 +156,11 @@ def main() -> None:
             print(rows[-1], flush=True)
             write_rows(results, rows)                    # kept row by row: a run cut short keeps its rows
     print(f"\n{'mode':9} {'cache':5} {'load s':>7} {'DiT s':>6} {'umT5 s':>7} {'rest s':>7} {'still s':>8} "
-          f"{'GPU peak':>9} {'host RSS':>9}")
+          f"{'GPU peak':>9} {'host RSS':>9} {'park s':>7} {'unpark s':>8}")
     for r in rows:
         print(f"{r['mode']:9} {r['cache']:5} {r['load_s']:7.1f} {r['dit_s']:6.1f} {r['text_encoder_s']:7.1f} "
-              f"{r['rest_s']:7.1f} {r['longest_still_s']:8.1f} {r['gpu_peak_gb']:8.1f}G {r['host_peak_rss_gb']:8.1f}G")
+              f"{r['rest_s']:7.1f} {r['longest_still_s']:8.1f} {r['gpu_peak_gb']:8.1f}G {r['host_peak_rss_gb']:8.1f}G "
+              f"{r.get('park_s', float('nan')):7.1f} {r.get('unpark_s', float('nan')):8.1f}")
 
 
 if __name__ == "__main__":

@@ -168,6 +168,35 @@ class LiveAvatarEngine:
         if self.workers is not None:
             self.workers.close()
 
+    # ------------------------------------------------------------------------------- parking
+    @property
+    def parkable(self) -> bool:
+        """Whether `park` can free this engine's GPU: one GPU (a split DiT's layers live in its workers)."""
+        return self.workers is None and self.device.type == "cuda"
+
+    def gpu_weight_bytes(self) -> int:
+        """Bytes of the weights `park` moves: the DiT's, the VAE's and the audio encoder's on the GPU."""
+        return sum(t.numel() * t.element_size() for module in self._gpu_modules() for t in _weights_of(module))
+
+    def park(self) -> None:
+        """Move the weights on the GPU to host memory (pageable), so that ComfyUI's own models can have
+        the GPU; `unpark` brings them back, with their layouts, for the next job. The umT5 weights
+        already live in host memory. Nothing else keeps GPU memory between jobs."""
+        for module in self._gpu_modules():
+            module.to("cpu")
+
+    def unpark(self) -> None:
+        for module in self._gpu_modules():
+            module.to(self.device)
+
+    def _gpu_modules(self) -> list[torch.nn.Module]:
+        if not self.parkable:
+            return []
+        modules = [self.dit, self.vae.model]
+        if self.audio_features.device.type == "cuda":          # low_vram runs wav2vec2 on the CPU
+            modules.append(self.audio_features.model)
+        return modules
+
     # ------------------------------------------------------------------------------- preparing
     def prepare(self, portrait, audio_16k: torch.Tensor, prompt: str, *, size: str, num_clips: int,
                 steps: int, seed: int) -> Job:

@@ -15,7 +15,7 @@ import comfy.utils
 
 from ..liveavatar_backend.clip_decoder import ClipDecoder
 from ..liveavatar_backend.engine import DecoderOnly, LiveAvatarEngine, ModelSpec
-from ..liveavatar_backend.memory_budget import decode_gpu_bytes
+from ..liveavatar_backend.memory_budget import decode_gpu_bytes, free_host_bytes
 from ..liveavatar_backend.memory_modes import AUTO, MEMORY_MODE_CHOICES
 from ..liveavatar_backend.parallel import external_world, parse_devices
 from . import paths
@@ -23,6 +23,7 @@ from .status import NodeStatus
 
 log = logging.getLogger("liveavatar")
 LiveAvatarModel = io.Custom("LIVEAVATAR_MODEL")
+HOST_RAM_KEPT_FREE = 4e9          # parking the model in host RAM leaves this much to the system and ComfyUI
 
 
 class LoadedModel:
@@ -42,12 +43,15 @@ class LoadedModel:
         self._load_decoder = load_decoder
         self._engine: LiveAvatarEngine | None = None
         self._decoder_only: DecoderOnly | None = None
+        self.parked = False                         # the engine's GPU weights wait in host RAM (`give_way`)
 
     @property
     def loaded(self) -> bool:
         return self._engine is not None
 
     def engine(self) -> LiveAvatarEngine:
+        if self._engine is not None and self.parked:
+            self._unpark()
         if self._engine is None:
             self._make_current()
             if self._decoder_only is not None:      # the engine brings its own VAE
@@ -86,9 +90,43 @@ class LoadedModel:
             unload_current()
             _current = self
 
+    def give_way(self) -> None:
+        """Free this handle's GPU memory for ComfyUI's models: the engine's GPU weights move to host RAM
+        where it has room for them (they come back in seconds when a node next uses the engine;
+        reading the files again takes 18-50 s, docs/PERFORMANCE.md), else the engine is unloaded."""
+        engine = self._engine
+        if engine is None or self.parked or not engine.parkable:
+            return self.unload()
+        need, free = engine.gpu_weight_bytes(), free_host_bytes()
+        if free is None or free < need + HOST_RAM_KEPT_FREE:
+            log.info("Live Avatar: %.1f GB of host RAM free, %.1f GB needed to keep the model there: unloading it",
+                     (free or 0) / 1e9, (need + HOST_RAM_KEPT_FREE) / 1e9)
+            return self.unload()
+        try:
+            engine.park()
+        except Exception:                           # e.g. host RAM ran out after all: the files are still there
+            log.exception("moving the Live Avatar model to host RAM failed; unloading it")
+            return self.unload()
+        self.parked = True
+        _free_memory()
+        log.info("Live Avatar model moved to host RAM (%.1f GB); it returns to %s when a node next uses it",
+                 need / 1e9, engine.device)
+
+    def _unpark(self) -> None:
+        engine = self._engine
+        make_room(engine.device, engine.gpu_weight_bytes() * 1.1)
+        try:
+            engine.unpark()
+        except BaseException:                       # out of memory half-way: the files are still there
+            self.unload()
+            raise
+        self.parked = False
+
     def devices(self) -> set[torch.device]:
         """The devices on which this handle holds memory now, named as ComfyUI names them."""
-        if self._engine is not None:
+        if self._engine is not None and self.parked:
+            names = []
+        elif self._engine is not None:
             names = [self._engine.device] + (self._engine.workers.devices if self._engine.workers else [])
         elif self._decoder_only is not None:
             names = [self._decoder_only.vae.device]
@@ -99,6 +137,7 @@ class LoadedModel:
     def unload(self) -> None:
         engine, decoder_only = self._engine, self._decoder_only
         self._engine = self._decoder_only = None
+        self.parked = False
         if engine is None and decoder_only is None:
             return
         if engine is not None:
@@ -158,13 +197,13 @@ _making_room_for_this_pack = False     # set while `make_room` asks ComfyUI for 
 
 
 def give_way_to_comfyui_models() -> None:
-    """Make ComfyUI's `free_memory` unload this pack's model when ComfyUI's own models need its GPU:
+    """Make ComfyUI's `free_memory` free this pack's GPU memory when ComfyUI's own models need it:
     when ComfyUI loads a model (or its VAE, an upscaler...) it first unloads its own models there until
-    enough is free; if that is not enough while this pack holds 17-33 GB there, this pack's model goes
-    too (it loads again when a node next uses it), as one of ComfyUI's own would. Without this
-    ComfyUI would squeeze its model into what is left, or run out of memory. With
-    --disable-smart-memory ComfyUI unloads all its models before loading one, so this pack's goes
-    as well. Requests this pack makes for itself (`make_room`) never unload it. Installed once."""
+    enough is free; if that is not enough while this pack holds 17-33 GB there, this pack's model
+    leaves too (`LoadedModel.give_way`: to host RAM where it fits, as ComfyUI's own models do, else
+    unloaded). Without this ComfyUI would squeeze its model into what is left, or run out of memory.
+    With --disable-smart-memory ComfyUI unloads all its models before loading one, so this pack's
+    leaves as well. Requests this pack makes for itself (`make_room`) never move it. Installed once."""
     original = mm.free_memory
     if getattr(original, "yields_to_comfyui", False):
         return
@@ -174,11 +213,11 @@ def give_way_to_comfyui_models() -> None:
         unloaded = original(memory_required, device, *args, **kwargs)
         try:
             if _comfyui_needs_the_memory(memory_required, device):
-                log.info("ComfyUI needs %s on %s for its own models: unloading the Live Avatar model "
-                         "(it loads again when a node next uses it)", _gb(memory_required), device)
-                unload_current()
+                log.info("ComfyUI needs %s on %s for its own models: the Live Avatar model leaves it",
+                         _gb(memory_required), device)
+                _current.give_way()
         except Exception:                        # ComfyUI's load goes on either way
-            log.exception("unloading the Live Avatar model for ComfyUI's models failed")
+            log.exception("freeing the Live Avatar model's GPU memory for ComfyUI's models failed")
         return unloaded
 
     free_memory.yields_to_comfyui = True

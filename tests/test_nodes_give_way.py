@@ -1,7 +1,7 @@
 """ComfyUI's own models get the GPU when they need it: when ComfyUI loads one of its models and
-unloading its own others does not free enough, the pack's model is unloaded too (ComfyUI does not
-know it, so it would squeeze its model into what is left or run out of memory). The pack's own
-requests for room never unload the pack's model.
+unloading its own others does not free enough, the pack's model leaves too (ComfyUI does not
+know it, so it would squeeze its model into what is left or run out of memory): to host RAM where
+there is room, else unloaded. The pack's own requests for room never move the pack's model.
 
 A GPU is played by the meta device: ComfyUI loads a model there as onto a GPU (a CPU device it
 skips), and its free memory is what the test says."""
@@ -31,8 +31,43 @@ def free_on_gpu(pack, monkeypatch):
 
 
 def fake_engine(device=GPU, worker_devices=None):
+    """An engine that cannot park (as a split model): giving way unloads it."""
     workers = types.SimpleNamespace(devices=worker_devices) if worker_devices else None
-    return types.SimpleNamespace(device=torch.device(device), workers=workers, close=lambda: None)
+    return types.SimpleNamespace(device=torch.device(device), workers=workers, close=lambda: None, parkable=False)
+
+
+class ParkableEngine:
+    """An engine on one GPU with 20 GB of weights there; says what was done to it."""
+
+    def __init__(self, fail=None):
+        self.device, self.workers, self.parkable = GPU, None, True
+        self.done, self.fail = [], fail
+
+    def gpu_weight_bytes(self):
+        return 20e9
+
+    def park(self):
+        self._do("park")
+
+    def unpark(self):
+        self._do("unpark")
+
+    def close(self):
+        self._do("close")
+
+    def _do(self, what):
+        if what == self.fail:
+            raise torch.OutOfMemoryError(f"{what} ran out of memory")
+        self.done.append(what)
+
+
+@pytest.fixture
+def host_ram(pack, monkeypatch):
+    """Set the host RAM the loader sees free (bytes); 64 GB to begin with."""
+    from liveavatar_pack.nodes import loader
+    free = {"bytes": 64e9}
+    monkeypatch.setattr(loader, "free_host_bytes", lambda: free["bytes"])
+    return free
 
 
 def comfyui_loads_a_model_on(device):
@@ -61,7 +96,8 @@ def test_comfyuis_model_that_does_not_fit_beside_it_unloads_it(pack, free_on_gpu
     free_on_gpu["bytes"] = 0.5e9
     comfyui_loads_a_model_on(GPU)
     assert not model.loaded
-    assert "ComfyUI needs 1.3 GB on meta for its own models: unloading the Live Avatar model" in caplog.text
+    assert "ComfyUI needs 1.3 GB on meta for its own models: the Live Avatar model leaves it" in caplog.text
+    assert "Live Avatar model unloaded" in caplog.text
     model.engine()                            # the next node that uses it loads it again
     assert model.loaded and len(loads) == 2
 
@@ -123,7 +159,63 @@ def test_a_failing_unload_is_logged_and_comfyuis_load_goes_on(pack, free_on_gpu,
 
     def close():
         raise RuntimeError("the device went away")
-    model = loader.current_model(("broken",), lambda: types.SimpleNamespace(device=GPU, workers=None, close=close))
+    model = loader.current_model(("broken",), lambda: types.SimpleNamespace(device=GPU, workers=None, close=close,
+                                                                           parkable=False))
     model.engine()
     patcher = comfyui_loads_a_model_on(GPU)
     assert patcher.model.weight.device == GPU and "the device went away" in caplog.text
+
+
+def test_with_room_in_host_ram_it_waits_there_and_comes_back_for_the_next_node(pack, free_on_gpu, host_ram,
+                                                                               caplog, monkeypatch):
+    from liveavatar_pack.nodes import loader
+    caplog.set_level(logging.INFO, logger="liveavatar")
+    rooms = []
+    monkeypatch.setattr(loader, "make_room", lambda device, required: rooms.append((device, required)))
+    free_on_gpu["bytes"] = 0.5e9
+    engine = ParkableEngine()
+    model = loader.current_model(("parks",), lambda: engine)
+    model.engine()
+    comfyui_loads_a_model_on(GPU)
+    assert engine.done == ["park"] and model.parked and model.loaded and model.devices() == set()
+    assert "Live Avatar model moved to host RAM (20.0 GB)" in caplog.text
+    comfyui_loads_a_model_on(GPU)             # nothing more of the pack's to move
+    assert engine.done == ["park"]
+    assert model.engine() is engine           # back, not read again, once ComfyUI's models made room
+    assert engine.done == ["park", "unpark"] and not model.parked and rooms == [(GPU, 22e9)]
+
+
+def test_without_room_in_host_ram_or_when_the_move_fails_it_is_unloaded(pack, free_on_gpu, host_ram, caplog):
+    from liveavatar_pack.nodes import loader
+    caplog.set_level(logging.INFO, logger="liveavatar")
+    free_on_gpu["bytes"] = 0.5e9
+    host_ram["bytes"] = 22e9                  # 20 GB of weights and 4 GB kept free do not fit
+    engine = ParkableEngine()
+    model = loader.current_model(("no room",), lambda: engine)
+    model.engine()
+    comfyui_loads_a_model_on(GPU)
+    assert engine.done == ["close"] and not model.loaded and "22.0 GB of host RAM free, 24.0 GB needed" in caplog.text
+    host_ram["bytes"] = 64e9
+    failing = ParkableEngine(fail="park")
+    model = loader.current_model(("park fails",), lambda: failing)
+    model.engine()
+    comfyui_loads_a_model_on(GPU)
+    assert not model.loaded and "moving the Live Avatar model to host RAM failed" in caplog.text
+
+
+def test_a_failed_return_to_the_gpu_unloads_it_and_the_next_use_loads_it_again(pack, free_on_gpu, host_ram):
+    from liveavatar_pack.nodes import loader
+    free_on_gpu["bytes"] = 0.5e9
+    engines, loads = [ParkableEngine(fail="unpark"), ParkableEngine()], []
+
+    def load():
+        loads.append(1)
+        return engines[len(loads) - 1]
+    model = loader.current_model(("unpark fails",), load)
+    model.engine()
+    comfyui_loads_a_model_on(GPU)
+    assert model.parked
+    with pytest.raises(torch.OutOfMemoryError):
+        model.engine()
+    assert not model.loaded and not model.parked
+    assert model.engine() is engines[1] and len(loads) == 2
