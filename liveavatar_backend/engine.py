@@ -181,13 +181,19 @@ class LiveAvatarEngine:
     def park(self) -> None:
         """Move the weights on the GPU to host memory (pageable), so that ComfyUI's own models can have
         the GPU; `unpark` brings them back, with their layouts, for the next job. The umT5 weights
-        already live in host memory. Nothing else keeps GPU memory between jobs."""
+        already live in host memory; what stays on the GPU is small (the DiT's per-timestep
+        modulation, the VAE's latent statistics, per-process library workspaces). Parking a parked
+        engine again moves back whatever `unpark_vae` brought."""
         for module in self._gpu_modules():
             module.to("cpu")
 
     def unpark(self) -> None:
         for module in self._gpu_modules():
             module.to(self.device)
+
+    def unpark_vae(self) -> None:
+        """Bring back only the VAE (0.25 GB) of a parked engine, for a decode."""
+        self.vae.model.to(self.device)
 
     def _gpu_modules(self) -> list[torch.nn.Module]:
         if not self.parkable:

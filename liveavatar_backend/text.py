@@ -214,11 +214,12 @@ def load_umt5_encoder(path: Path | str, device: torch.device | str = "cpu",
                 scale = read(scale_key).float() if scale_key in shapes_in_file else torch.tensor(1.0)
                 tensor = tensor.float() * scale
             tensor = tensor.to(device=device, dtype=dtype)
-            state[hf] = tensor.pin_memory() if pin_memory else tensor
         except CheckpointError:
             raise
         except Exception as exc:  # a file cut short inside the data region fails here
             raise CheckpointError(f"{path}: cannot read key {key!r}: {exc}") from exc
+        # page-locked host memory can run out: that error is not the file's
+        state[hf] = tensor.pin_memory() if pin_memory else tensor
         done += tensor.numel()
         if on_read is not None:
             on_read(done / total)

@@ -44,6 +44,7 @@ class LoadedModel:
         self._engine: LiveAvatarEngine | None = None
         self._decoder_only: DecoderOnly | None = None
         self.parked = False                         # the engine's GPU weights wait in host RAM (`give_way`)
+        self._parked_vae_back = False               # ...but its VAE came back for a decode
 
     @property
     def loaded(self) -> bool:
@@ -73,8 +74,14 @@ class LoadedModel:
 
     def decoder(self, warm_up: torch.Tensor, height: int, width: int) -> ClipDecoder:
         """A streaming decoder for frames of height×width, primed with `warm_up`: the engine's VAE if it
-        is loaded, else the VAE alone; ComfyUI's own models make room for the decode first."""
-        if self._engine is not None or self._load_decoder is None:
+        is loaded (of a parked engine, only the VAE returns to the GPU), else the VAE alone; ComfyUI's
+        own models make room for the decode first."""
+        if self._engine is not None and self.parked:
+            source = self._engine
+            make_room(source.device, decode_gpu_bytes(height, width))
+            source.unpark_vae()
+            self._parked_vae_back = True
+        elif self._engine is not None or self._load_decoder is None:
             source = self.engine()
         else:
             if self._decoder_only is None:
@@ -94,38 +101,46 @@ class LoadedModel:
         """Free this handle's GPU memory for ComfyUI's models: the engine's GPU weights move to host RAM
         where it has room for them (they come back in seconds when a node next uses the engine;
         reading the files again takes 18-50 s, docs/PERFORMANCE.md), else the engine is unloaded."""
-        engine = self._engine
-        if engine is None or self.parked or not engine.parkable:
+        if self._engine is None or not self._engine.parkable:
             return self.unload()
-        need, free = engine.gpu_weight_bytes(), free_host_bytes()
+        need = 0 if self.parked else self._engine.gpu_weight_bytes()      # parked: at most its VAE is back
+        free = free_host_bytes()
         if free is None or free < need + HOST_RAM_KEPT_FREE:
             log.info("Live Avatar: %.1f GB of host RAM free, %.1f GB needed to keep the model there: unloading it",
                      (free or 0) / 1e9, (need + HOST_RAM_KEPT_FREE) / 1e9)
             return self.unload()
         try:
-            engine.park()
-        except Exception:                           # e.g. host RAM ran out after all: the files are still there
+            self._engine.park()
+        except BaseException as failure:           # e.g. host RAM ran out after all: the files are still there
             log.exception("moving the Live Avatar model to host RAM failed; unloading it")
-            return self.unload()
-        self.parked = True
+            self._drop_after(failure)
+            if not isinstance(failure, Exception):  # an interrupt goes on once the half-moved model is gone
+                raise
+            return
+        self.parked, self._parked_vae_back = True, False
         _free_memory()
         log.info("Live Avatar model moved to host RAM (%.1f GB); it returns to %s when a node next uses it",
-                 need / 1e9, engine.device)
+                 need / 1e9, self._engine.device)
 
     def _unpark(self) -> None:
-        engine = self._engine
-        make_room(engine.device, engine.gpu_weight_bytes() * 1.1)
+        make_room(self._engine.device, self._engine.gpu_weight_bytes() * 1.1)
         try:
-            engine.unpark()
-        except BaseException:                       # out of memory half-way: the files are still there
-            self.unload()
+            self._engine.unpark()
+        except BaseException as failure:            # out of memory half-way: the files are still there
+            self._drop_after(failure)
             raise
-        self.parked = False
+        self.parked = self._parked_vae_back = False
+
+    def _drop_after(self, failure: BaseException) -> None:
+        """Unload a model that a failed move left half on the GPU. The failure's frames hold it too,
+        and ComfyUI keeps the exception for its report: clear them, as a failed load's."""
+        traceback.clear_frames(failure.__traceback__)
+        self.unload()
 
     def devices(self) -> set[torch.device]:
         """The devices on which this handle holds memory now, named as ComfyUI names them."""
         if self._engine is not None and self.parked:
-            names = []
+            names = [self._engine.device] if self._parked_vae_back else []
         elif self._engine is not None:
             names = [self._engine.device] + (self._engine.workers.devices if self._engine.workers else [])
         elif self._decoder_only is not None:
@@ -137,7 +152,7 @@ class LoadedModel:
     def unload(self) -> None:
         engine, decoder_only = self._engine, self._decoder_only
         self._engine = self._decoder_only = None
-        self.parked = False
+        self.parked = self._parked_vae_back = False
         if engine is None and decoder_only is None:
             return
         if engine is not None:

@@ -16,7 +16,7 @@ def _render(engine, spill_dir):
     return torch.cat(frames)
 
 
-def test_a_cpu_or_split_engine_is_not_parked(tiny_models):
+def test_a_cpu_engine_is_not_parked(tiny_models):      # a split one: test_parallel.py
     spec = ModelSpec.from_folder(tiny_models / "Wan2.2-S2V-14B", lora=tiny_models / "liveavatar.safetensors")
     engine = LiveAvatarEngine.load(spec, device="cpu")
     assert not engine.parkable and engine.gpu_weight_bytes() == 0      # the loader unloads these instead

@@ -28,6 +28,8 @@ def free_on_gpu(pack, monkeypatch):
     yield free
     from liveavatar_pack.nodes import loader
     loader.unload_current()
+    # ComfyUI's models "on the GPU" cannot go back to the CPU (a meta tensor has no data): forget them
+    mm.current_loaded_models[:] = [m for m in mm.current_loaded_models if m.device != GPU]
 
 
 def fake_engine(device=GPU, worker_devices=None):
@@ -39,9 +41,10 @@ def fake_engine(device=GPU, worker_devices=None):
 class ParkableEngine:
     """An engine on one GPU with 20 GB of weights there; says what was done to it."""
 
-    def __init__(self, fail=None):
+    def __init__(self, fail=None, error=torch.OutOfMemoryError):
         self.device, self.workers, self.parkable = GPU, None, True
-        self.done, self.fail = [], fail
+        self.vae = types.SimpleNamespace(device=GPU)
+        self.done, self.fail, self.error = [], fail, error
 
     def gpu_weight_bytes(self):
         return 20e9
@@ -52,12 +55,18 @@ class ParkableEngine:
     def unpark(self):
         self._do("unpark")
 
+    def unpark_vae(self):
+        self._do("unpark_vae")
+
+    def decoder(self, warm_up):
+        return "a decoder"
+
     def close(self):
         self._do("close")
 
     def _do(self, what):
         if what == self.fail:
-            raise torch.OutOfMemoryError(f"{what} ran out of memory")
+            raise self.error(f"{what} failed")
         self.done.append(what)
 
 
@@ -201,6 +210,31 @@ def test_without_room_in_host_ram_or_when_the_move_fails_it_is_unloaded(pack, fr
     model.engine()
     comfyui_loads_a_model_on(GPU)
     assert not model.loaded and "moving the Live Avatar model to host RAM failed" in caplog.text
+
+
+def test_an_interrupted_move_to_host_ram_unloads_it(pack, free_on_gpu, host_ram):
+    from liveavatar_pack.nodes import loader
+    free_on_gpu["bytes"] = 0.5e9
+    interrupted = ParkableEngine(fail="park", error=KeyboardInterrupt)
+    model = loader.current_model(("park interrupted",), lambda: interrupted)
+    model.engine()
+    with pytest.raises(KeyboardInterrupt):
+        comfyui_loads_a_model_on(GPU)
+    assert not model.loaded and not model.parked      # no half-moved model stays
+
+
+def test_a_decode_brings_back_only_the_vae_of_a_parked_model(pack, free_on_gpu, host_ram, monkeypatch):
+    from liveavatar_pack.nodes import loader
+    monkeypatch.setattr(loader, "make_room", lambda device, required: None)
+    free_on_gpu["bytes"] = 0.5e9
+    engine = ParkableEngine()
+    model = loader.current_model(("decodes parked",), lambda: engine)
+    model.engine()
+    comfyui_loads_a_model_on(GPU)
+    assert model.decoder(torch.zeros(1), 256, 384) == "a decoder"
+    assert engine.done == ["park", "unpark_vae"] and model.parked and model.devices() == {GPU}
+    comfyui_loads_a_model_on(GPU)             # the VAE leaves again; the rest was never back
+    assert engine.done == ["park", "unpark_vae", "park"] and model.parked and model.devices() == set()
 
 
 def test_a_failed_return_to_the_gpu_unloads_it_and_the_next_use_loads_it_again(pack, free_on_gpu, host_ram):

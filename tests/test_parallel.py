@@ -119,6 +119,7 @@ def reference(single):
 
 
 def test_two_gloo_processes_give_the_single_process_latents(sharded, reference):
+    assert not sharded.parkable and sharded.gpu_weight_bytes() == 0    # its layers live in the workers
     got = _clips(sharded)
     assert len(got) == len(reference) == 3                     # 5 s of voice: 3 clips, rolling sink used
     for a, b in zip(got, reference):
@@ -255,10 +256,11 @@ def test_a_split_models_load_moves_the_progress_bar_as_its_workers_read_and_stop
 
     def cancel_at_a_third(fraction):
         if fraction > 0.33:
-            raise Cancel
+            raise Cancel(fraction)
     before = _all_workers()
-    with pytest.raises(Cancel):
+    with pytest.raises(Cancel) as cancelled:
         LiveAvatarEngine.load(spec, device="cpu,cpu", progress=cancel_at_a_third)
+    assert cancelled.value.args[0] < LoadProgress.DIT_SHARE     # while the workers were reading
     assert _all_workers() <= before                      # the cancel ended the workers
 
 
