@@ -99,8 +99,8 @@ class LoadedModel:
 
     def give_way(self) -> None:
         """Free this handle's GPU memory for ComfyUI's models: the engine's GPU weights move to host RAM
-        where it has room for them (they come back in seconds when a node next uses the engine;
-        reading the files again takes 18-50 s, docs/PERFORMANCE.md), else the engine is unloaded."""
+        where it has room for them (they come back when a node next uses the engine, a copy over the
+        bus; reading the files again takes 18-50 s, docs/PERFORMANCE.md), else the engine is unloaded."""
         if self._engine is None or not self._engine.parkable:
             return self.unload()
         need = 0 if self.parked else self._engine.gpu_weight_bytes()      # parked: at most its VAE is back
