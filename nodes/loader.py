@@ -28,10 +28,11 @@ HOST_RAM_KEPT_FREE = 4e9          # parking the model in host RAM leaves this mu
 
 class LoadedModel:
     """What a LIVEAVATAR_MODEL carries: the engine, which ComfyUI may unload ("Unload Models", "Free
-    model and node cache", an out-of-memory error, one of its own models that needs the GPU,
-    --disable-smart-memory) and which loads itself again, from the same files, the next time a
-    node uses it. One model set is loaded at a time (14B does not fit twice): loading one unloads
-    whichever other handle holds its engine.
+    model and node cache", an out-of-memory error, --disable-smart-memory) and which loads itself
+    again, from the same files, the next time a node uses it; when one of ComfyUI's own models needs
+    the GPU, its GPU weights wait in host RAM instead where there is room (`give_way`). One model set
+    is loaded at a time (14B does not fit twice): loading one unloads whichever other handle holds
+    its engine.
 
     The decoders need only the VAE: while the engine is unloaded they load the VAE alone (0.25 GB)
     instead of the whole set (17-33 GB), e.g. when only a decode setting changed after an unload."""
@@ -76,11 +77,9 @@ class LoadedModel:
         """A streaming decoder for frames of height×width, primed with `warm_up`: the engine's VAE if it
         is loaded (of a parked engine, only the VAE returns to the GPU), else the VAE alone; ComfyUI's
         own models make room for the decode first."""
-        if self._engine is not None and self.parked:
+        parked = self._engine is not None and self.parked
+        if parked:
             source = self._engine
-            make_room(source.device, decode_gpu_bytes(height, width))
-            source.unpark_vae()
-            self._parked_vae_back = True
         elif self._engine is not None or self._load_decoder is None:
             source = self.engine()
         else:
@@ -88,7 +87,10 @@ class LoadedModel:
                 self._make_current()
                 self._decoder_only = self._load_decoder()
             source = self._decoder_only
-        make_room(source.vae.device, decode_gpu_bytes(height, width))
+        make_room(source.vae.device, decode_gpu_bytes(height, width))     # the VAE's weights included
+        if parked:
+            source.unpark_vae()
+            self._parked_vae_back = True
         return source.decoder(warm_up)
 
     def _make_current(self) -> None:
