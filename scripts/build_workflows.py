@@ -1,6 +1,7 @@
 """Builds the shipped workflows (workflows/*.json in ComfyUI's UI format, workflows/api/*.json in API
 format) from one Python description, using the node definitions of a running ComfyUI
-(GET /object_info) to order widget values exactly as the frontend expects.
+(GET /object_info) to order widget values exactly as the frontend expects, and their template
+thumbnails (workflows/*.jpg, scripts/workflow_thumbnails.py).
 
 usage: python scripts/build_workflows.py http://127.0.0.1:8188
 """
@@ -153,7 +154,8 @@ def main(argv: list[str]) -> int:
         (ROOT / "workflows" / f"liveavatar_{name}.json").write_text(json.dumps(to_ui(name, nodes, info), indent=1))
         (ROOT / "workflows" / "api" / f"liveavatar_{name}.api.json").write_text(json.dumps(to_api(nodes), indent=1))
         print(f"workflows/liveavatar_{name}.json")
-    return 0
+    from workflow_thumbnails import main as draw_thumbnails      # it imports this module's WORKFLOWS
+    return draw_thumbnails()
 
 
 if __name__ == "__main__":

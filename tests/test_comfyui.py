@@ -1,9 +1,11 @@
 """The pack inside a real ComfyUI 0.3.75: it imports, its nodes are listed, every shipped workflow
 runs to the end through /prompt, interrupting works, and bad inputs end the prompt with a clear
 error while the server keeps serving."""
+import io
 import json
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -48,11 +50,39 @@ def test_pack_imports_and_every_node_is_listed(comfy):
     assert not [name for name in loras if name.startswith("Wan2.2-S2V-14B/")]
 
 
-def test_workflows_are_listed_as_templates(comfy):
+def test_workflows_are_listed_as_templates_with_thumbnails(comfy):
+    from PIL import Image
     client, _, _ = comfy
     templates = client.get("/workflow_templates")
     assert sorted(templates["ComfyUI-LiveAvatar"]) == ["liveavatar_fast_check", "liveavatar_final_render",
                                                         "liveavatar_standard_preview"]
+    for name in templates["ComfyUI-LiveAvatar"]:   # where the template browser looks for each card's image
+        with urllib.request.urlopen(f"{client.base}/api/workflow_templates/ComfyUI-LiveAvatar/{name}.jpg") as answer:
+            assert answer.headers["Content-Type"] == "image/jpeg"
+            assert Image.open(io.BytesIO(answer.read())).size == (640, 400)
+
+
+def test_thumbnails_show_the_workflows_as_built():
+    """A thumbnail left behind when its workflow changed differs from a fresh drawing by far more than
+    JPEG's rounding in some 16x16 tile (one step more: 12-21 grey levels on average there; the
+    rounding: 4.5)."""
+    import copy
+
+    import numpy as np
+    from PIL import Image
+    from workflow_thumbnails import WORKFLOWS, draw
+
+    def worst_tile(a, b, tile=16):
+        diff = np.abs(np.asarray(a, dtype=float) - np.asarray(b, dtype=float)).mean(axis=2)
+        rows, cols = diff.shape[0] // tile, diff.shape[1] // tile
+        return diff[:rows * tile, :cols * tile].reshape(rows, tile, cols, tile).mean(axis=(1, 3)).max()
+    for name, nodes in WORKFLOWS.items():
+        shipped = Image.open(ROOT / "workflows" / f"liveavatar_{name}.jpg").convert("RGB")
+        assert worst_tile(shipped, draw(name, nodes)) < 8, \
+            f"workflows/liveavatar_{name}.jpg is stale: run python scripts/workflow_thumbnails.py"
+        one_step_more = copy.deepcopy(nodes)
+        next(inputs for cls, inputs in one_step_more.values() if cls == "LiveAvatarSampler")["steps"] += 1
+        assert worst_tile(shipped, draw(name, one_step_more)) > 8      # the check sees a change that small
 
 
 @pytest.mark.parametrize("name, frames, scale", [("fast_check", 48 * EXAMPLE_VOICE_CLIPS - 3, 1),
