@@ -45,6 +45,7 @@ from liveavatar_backend.vae import write_tiny_vae                       # noqa: 
 UMT5_XXL = dict(d_model=4096, num_layers=24, num_heads=64, d_ff=10240)
 LORA_RANK = 128
 VAE_BASE_DIM = 96
+CHECKS = ("compile_check_s", "enable_compile_s", "graph_check_s")   # timed by `time_the_rest`
 DONE_MARKER = "written.json"
 
 
@@ -86,8 +87,32 @@ def drop_from_page_cache(out: Path) -> None:
                 os.close(fd)
 
 
+def time_the_rest(seconds: dict) -> None:
+    """Time the steps after the text encoder (VAE, audio encoder, the compile and graph checks) into
+    `seconds`, so that the row says which of them the bar's last stretch waits on (the VAE's time
+    includes its own `compile_supported` call, the first in the process)."""
+    import liveavatar_backend.engine as engine_module
+
+    def timed(function, key):
+        def wrapper(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                seconds[key] = seconds.get(key, 0.0) + time.perf_counter() - started
+        return wrapper
+    engine_module._load_vae = timed(engine_module._load_vae, "vae_s")
+    extractor = engine_module.AudioFeatureExtractor
+    extractor.load = classmethod(timed(extractor.load.__func__, "audio_s"))
+    engine_module.block_ops.compile_supported = timed(engine_module.block_ops.compile_supported, "compile_check_s")
+    engine_module.block_ops.enable_compile = timed(engine_module.block_ops.enable_compile, "enable_compile_s")
+    engine_module.capture_blocked = timed(engine_module.capture_blocked, "graph_check_s")
+
+
 def load_once(out: Path, mode: str, device: str) -> dict:
     """One load in this process: the progress bar's timeline, the time and the peaks."""
+    rest: dict[str, float] = {}
+    time_the_rest(rest)
     spec = ModelSpec.from_folder(out / CHECKPOINT_DIR, lora=out / LORA_FILE)
     on_gpu = device.startswith("cuda")
     heard: list[tuple[float, float]] = []
@@ -109,7 +134,8 @@ def load_once(out: Path, mode: str, device: str) -> dict:
            "gpu_peak_gb": torch.cuda.max_memory_allocated() / 1e9 if on_gpu else 0.0,
            "gpu_after_load_gb": torch.cuda.memory_allocated() / 1e9 if on_gpu else 0.0,
            "host_peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,
-           "text_encoder_pinned": all(w.is_pinned() for w in engine.text_encoder.model.parameters())}
+           "text_encoder_pinned": all(w.is_pinned() for w in engine.text_encoder.model.parameters()),
+           **rest}
     if engine.parkable:                  # what giving the GPU to ComfyUI's models costs (nodes/loader.py)
         for step in ("park", "unpark"):
             moved = time.perf_counter()
@@ -156,11 +182,12 @@ def main() -> None:
             print(rows[-1], flush=True)
             write_rows(results, rows)                    # kept row by row: a run cut short keeps its rows
     print(f"\n{'mode':9} {'cache':5} {'load s':>7} {'DiT s':>6} {'umT5 s':>7} {'rest s':>7} {'still s':>8} "
-          f"{'GPU peak':>9} {'host RSS':>9} {'park s':>7} {'unpark s':>8}")
+          f"{'GPU peak':>9} {'host RSS':>9} {'park s':>7} {'unpark s':>8} {'VAE s':>6} {'audio s':>7} {'checks s':>8}")
     for r in rows:
         print(f"{r['mode']:9} {r['cache']:5} {r['load_s']:7.1f} {r['dit_s']:6.1f} {r['text_encoder_s']:7.1f} "
               f"{r['rest_s']:7.1f} {r['longest_still_s']:8.1f} {r['gpu_peak_gb']:8.1f}G {r['host_peak_rss_gb']:8.1f}G "
-              f"{r.get('park_s', float('nan')):7.1f} {r.get('unpark_s', float('nan')):8.1f}")
+              f"{r.get('park_s', float('nan')):7.1f} {r.get('unpark_s', float('nan')):8.1f} {r.get('vae_s', 0):6.2f} "
+              f"{r.get('audio_s', 0):7.2f} {sum(r.get(k, 0) for k in CHECKS):8.2f}")
 
 
 if __name__ == "__main__":
