@@ -7,7 +7,8 @@ vocabulary, so 2 GB less embedding than the real 11.4 GB file), the Wan2.1 VAE (
 wav2vec2-large's 24 layers of 1024 (with the test writer's small feature extractor). Then loads the
 set with `LiveAvatarEngine.load` in a fresh process per row, the files in the page cache (`warm`)
 or dropped from it first (`cold`: fsync + POSIX_FADV_DONTNEED per file), and reports the seconds
-to the DiT's end of the bar (73 %), to the text encoder's (98 %) and to the end, the longest time
+to the DiT's end of the bar, to the text encoder's and to the end (with the VAE's, the audio
+encoder's and the checks' seconds in that last stretch), the longest time
 the bar stood still, the GPU and host peaks, and on a GPU the seconds to park the loaded weights in
 host RAM and to bring them back (`LiveAvatarEngine.park` / `unpark`).
 

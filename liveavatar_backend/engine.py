@@ -327,7 +327,9 @@ def _load_encoders_and_vae(spec: ModelSpec, mode, device: str, dtype: torch.dtyp
                             pin_memory=on_gpu and not mode.offload_caches, on_read=load_progress.text_encoder_read)
     load_progress.text_encoder_done()
     vae = _load_vae(spec, mode, device, dtype)
+    load_progress.vae_done()
     audio = AudioFeatureExtractor.load(spec.audio_encoder, encoder_device, torch.float32)
+    load_progress.audio_encoder_done()
     return text, vae, audio
 
 

@@ -170,9 +170,14 @@ def load_dit(path: str | Path, *, device="cpu", dtype=torch.bfloat16, cfg: DiTCo
 class LoadProgress:
     """A model set's load as fractions 0..1 for a progress bar, said at most once per percent; the
     DiT's and the text encoder's parts move with every tensor read (a split DiT's with its workers'
-    reports). `say` may raise (ComfyUI's interrupt) to stop the load."""
-    # the 14B set's parameters (spec §1): DiT 16.30 B, umT5-XXL 5.68 B, wav2vec2 and VAE 0.45 B
-    DIT_SHARE, TEXT_SHARE = 0.73, 0.25
+    reports), the VAE and the audio encoder each move it once. `say` may raise (ComfyUI's interrupt)
+    to stop the load."""
+    # shares of the load's time: the full-size set on one H100, four loads (quality and balanced, from
+    # the page cache and cold; PERFORMANCE.md, 2026-12-07): DiT 52 %, umT5 28 %, the rest 20 %
+    DIT_SHARE, TEXT_SHARE = 0.52, 0.28
+    # the rest split as the full-size files load on a CPU (VAE 0.48 s with its model built, wav2vec2
+    # 0.18 s; 2026-12-08); the last share is the compile and graph checks after them
+    VAE_SHARE, AUDIO_SHARE = 0.12, 0.05
 
     def __init__(self, say: Callable[[float], None] | None, cfg: DiTConfig):
         self._say = say
@@ -195,6 +200,12 @@ class LoadProgress:
 
     def text_encoder_done(self) -> None:
         self._at(self.DIT_SHARE + self.TEXT_SHARE)
+
+    def vae_done(self) -> None:
+        self._at(self.DIT_SHARE + self.TEXT_SHARE + self.VAE_SHARE)
+
+    def audio_encoder_done(self) -> None:
+        self._at(self.DIT_SHARE + self.TEXT_SHARE + self.VAE_SHARE + self.AUDIO_SHARE)
 
     def done(self) -> None:
         self._at(1.0)

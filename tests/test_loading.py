@@ -168,6 +168,8 @@ def test_the_load_reports_its_progress_and_stops_where_the_callback_raises(tiny_
         text_done = LoadProgress.DIT_SHARE + LoadProgress.TEXT_SHARE
         assert len([f for f in heard if LoadProgress.DIT_SHARE < f < text_done]) > 5     # the text encoder's too
         assert text_done in heard
+        vae_done = text_done + LoadProgress.VAE_SHARE                 # the last stretch moves too
+        assert [f for f in heard if f > text_done] == [vae_done, vae_done + LoadProgress.AUDIO_SHARE, 1.0]
 
     class Stop(Exception):
         pass
