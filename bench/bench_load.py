@@ -90,8 +90,9 @@ def drop_from_page_cache(out: Path) -> None:
 
 def time_the_rest(seconds: dict) -> None:
     """Time the steps after the text encoder (VAE, audio encoder, the compile and graph checks) into
-    `seconds`, so that the row says which of them the bar's last stretch waits on (the VAE's time
-    includes its own `compile_supported` call, the first in the process)."""
+    `seconds`, so that the row says which of them the bar's last stretch waits on. The first
+    `compile_supported` call of the process is made inside the VAE's load: its time is in both
+    `vae_s` and `compile_check_s`."""
     import liveavatar_backend.engine as engine_module
 
     def timed(function, key):
