@@ -16,7 +16,7 @@ from PIL import Image, ImageDraw, ImageFont
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from build_workflows import ROOT, WORKFLOWS          # noqa: E402
 
-SIZE = (640, 400)                                    # 16:10, as the template cards show them
+SIZE = (640, 400)                                    # the cards letterbox a .jpg (object-contain)
 BACKGROUND, PANEL, TEXT, MUTED, ACCENT = "#17191f", "#262a33", "#f2f2f2", "#9aa3b2", "#7fd16b"
 TITLES = {"fast_check": "Fast check", "standard_preview": "Standard preview", "final_render": "Final render"}
 BOX_LABELS = {                                       # node class -> what its box says
