@@ -176,7 +176,7 @@ class LoadProgress:
     # the page cache and cold; PERFORMANCE.md, 2026-12-07): DiT 52 %, umT5 28 %, the rest 20 %
     DIT_SHARE, TEXT_SHARE = 0.52, 0.28
     # the rest split as the full-size files load on a CPU (VAE 0.48 s with its model built, wav2vec2
-    # 0.18 s; 2026-12-08); the last share is the compile and graph checks after them
+    # 0.18 s; 2026-12-08); the last 3 %, for the compile and graph checks after them, is a guess
     VAE_SHARE, AUDIO_SHARE = 0.12, 0.05
 
     def __init__(self, say: Callable[[float], None] | None, cfg: DiTConfig):
